@@ -1,0 +1,50 @@
+# collab-training — developer entry points.  Run `make help` for the list.
+# Only Python 3.10+ and GNU make are needed; everything else goes into $(VENV).
+
+PYTHON ?= python3
+VENV ?= .venv
+PEERS ?= 2
+STEPS ?= 20
+PYTEST_ARGS ?=
+
+VENV_PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install test demo lint format clean distclean
+
+help: ## List the targets
+	@echo "collab-training — make targets:"
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
+	@echo "Variables: PYTHON=$(PYTHON) VENV=$(VENV) PEERS=$(PEERS) STEPS=$(STEPS) PYTEST_ARGS='$(PYTEST_ARGS)'"
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PY) -m pip install --upgrade pip
+	$(VENV_PY) -m pip install -e ".[all]"
+	@touch $@
+
+install: $(STAMP) ## Create the venv and install the project with all extras (incl. dev)
+
+test: $(STAMP) ## Run the test suite (extra pytest flags: PYTEST_ARGS="...")
+	@$(VENV_PY) -m pytest -q $(PYTEST_ARGS); s=$$?; \
+	if [ $$s -eq 5 ]; then echo "WARNING: pytest collected no tests"; exit 0; fi; \
+	exit $$s
+
+demo: $(STAMP) ## Run a real collaborative training of PEERS peers for STEPS steps on this machine
+	$(VENV_PY) examples/core_quickstart.py --demo --peers $(PEERS) --steps $(STEPS) --output-dir demo_out
+
+lint: $(STAMP) ## ruff check + ruff format --check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP) ## Apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean: ## Remove build artefacts and demo_out (keeps the venv)
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache demo_out bench_out
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean ## clean, and also remove the venv
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Benchmarks for collaborative training (planned, issue 5)."""

@@ -1,0 +1,27 @@
+"""collab_core: collaborative training over hivemind, independent of any trainer.
+
+Peers accumulate one large batch together (tracked in a hivemind DHT), average their gradients with an all-reduce
+and take the same optimizer step. The Lightning and Accelerate integrations are thin layers over this package.
+"""
+
+from collab_core.dht import join_hint, start_dht
+from collab_core.optimizer import (
+    DEFAULT_AVERAGING_TIMEOUT,
+    CollaborationState,
+    CollaborativeAdaptiveOptimizer,
+    CollaborativeOptimizer,
+)
+from collab_core.settings import CollaborativeConfigError, CollaborativeSettings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CollaborativeOptimizer",
+    "CollaborativeAdaptiveOptimizer",
+    "CollaborationState",
+    "CollaborativeSettings",
+    "CollaborativeConfigError",
+    "DEFAULT_AVERAGING_TIMEOUT",
+    "start_dht",
+    "join_hint",
+]

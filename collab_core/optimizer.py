@@ -1,0 +1,881 @@
+"""CollaborativeOptimizer: many peers accumulate one large batch together, then take the same optimizer step.
+
+How one collaborative step works (``k`` is the number of collaborative steps taken so far):
+
+1. ``step(batch_size)`` adds this micro-batch's gradients to local accumulators and publishes "peer P has ``n``
+   samples toward step ``k``" in the DHT (the publishing happens in the tracker's background thread). Nothing on
+   this path waits for the network.
+2. When the collaboration *may* have reached ``target_batch_size`` (by the last view of everyone's records,
+   extrapolated with their reported speed), the optimizer reads the records again, synchronously. It steps only if
+   this fresh count reaches the target; if the target is imminent (expected within this peer's own time per
+   micro-batch) it polls for it briefly instead of starting another micro-batch.
+3. The peers at step ``k`` average their gradients in one hivemind all-reduce, weighted by their sample counts, so
+   the result is the mean gradient over every contributing sample. Matchmaking uses a group key that contains ``k``
+   (peers at different steps never mix) and closes the group as soon as every peer known to be at step ``k`` is in.
+4. Every participant applies the same averaged gradient with ``opt.step()`` and steps the scheduler once.
+
+Failures: a round that fails (timeout, a peer died mid-all-reduce, part of the result missing) changes nothing
+locally; the peer keeps its accumulated gradients, counts the failure in ``collaboration_state`` and tries again,
+unless other peers have meanwhile taken the step, in which case it downloads their state first. A peer never
+applies an update that it did not average with every peer it found at its step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import operator
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.dht import DHT
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+
+from collab_core.accumulator import GradientAccumulator
+from collab_core.averager import CollaborativeAverager
+from collab_core.log import get_logger
+from collab_core.progress import CollaborationTracker, CollaborationView, PeerRecord
+from collab_core.state import capture_state, restore_state
+
+logger = get_logger(__name__)
+
+#: used when ``averaging_timeout=None``: no peer waits longer than this for a dead or stalled groupmate (seconds)
+DEFAULT_AVERAGING_TIMEOUT = 30.0
+#: how long a group waits for peers that are expected but missing (seconds); ``matchmaking_time`` overrides it
+DEFAULT_MATCHMAKING_TIME = 5.0
+#: how often to re-read progress while waiting for an imminent target (seconds)
+TARGET_POLL_INTERVAL = 0.005
+#: while a group is forming, check this often whether the other peers already took the step (seconds)
+ROUND_POLL_INTERVAL = 0.25
+
+# DecentralizedAverager arguments that the optimizer sets itself
+_OWN_AVERAGER_ARGS = {"self", "averaged_tensors", "dht", "start", "prefix", "client_mode"}
+_AVERAGER_ARGS = set(inspect.signature(DecentralizedAverager.__init__).parameters) - _OWN_AVERAGER_ARGS
+# names from hivemind's former CollaborativeOptimizer / hivemind.Optimizer that mean min_matchmaking_time
+_MATCHMAKING_TIME_ALIASES = ("averaging_expiration", "matchmaking_time")
+
+
+@dataclass(frozen=True)
+class CollaborationState:
+    """What this peer knows about the collaboration (``CollaborativeOptimizer.collaboration_state``).
+
+    Attributes:
+        optimizer_step: collaborative steps this peer has taken (same as ``local_step``).
+        global_step: the newest collaborative step announced by any peer.
+        samples_accumulated: samples accumulated toward this peer's next step, collaboration-wide (last view).
+        target_batch_size: samples the collaboration accumulates per step.
+        num_peers: peers seen in the last view (this one included).
+        num_clients: how many of them run in client mode.
+        eta_next_step: estimated wall-clock time (DHT time) of the next collaborative step.
+        next_fetch_time: when the background tracker reads the collaboration's progress again (DHT time).
+        failed_rounds: averaging rounds that failed on this peer (it did not apply them).
+        state_downloads: times this peer downloaded the state from peers.
+        last_round_peers: peers that took part in this peer's last collaborative step.
+        last_round_samples: samples averaged in that step.
+        last_round_participants: DHT peer ids (base58) of those peers, this one included.
+    """
+
+    optimizer_step: int
+    global_step: int
+    samples_accumulated: int
+    target_batch_size: int
+    num_peers: int
+    num_clients: int
+    eta_next_step: float
+    next_fetch_time: float
+    failed_rounds: int
+    state_downloads: int
+    last_round_peers: int
+    last_round_samples: int
+    last_round_participants: tuple[str, ...] = ()
+
+
+def _positive_number(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> Any:
+    valid_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if (
+        isinstance(value, bool)
+        or not valid_type
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
+        kind = "integer" if integer else "number"
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite {kind} {bound}, got {value!r}")
+    return value
+
+
+class CollaborativeOptimizer(torch.optim.Optimizer):
+    """An optimizer that updates the model once all peers together accumulated ``target_batch_size`` samples.
+
+    It wraps a regular PyTorch optimizer. Unlike a regular optimizer:
+
+    * ``step()`` is called once per micro-batch, after ``backward()``; it accumulates and returns, and only when the
+      collaboration reached the target does it average gradients with the other peers and call ``opt.step()``;
+    * after accumulating, ``step()`` clears ``param.grad`` (so forgetting ``zero_grad`` is harmless), except with
+      ``reuse_grad_buffers=True``, where ``param.grad`` *is* the accumulator and must not be zeroed by the user.
+
+    Args:
+        opt: a standard PyTorch optimizer over the model's parameters (large-batch ones such as LAMB/LARS suit best).
+        dht: a running ``hivemind.DHT`` connected to the other peers (see ``collab_core.start_dht``).
+        prefix: the run's name in the DHT; all peers of one run use the same prefix (letters, digits, ``_``, ``-``).
+        target_batch_size: take an optimizer step after all peers together accumulated this many samples.
+        batch_size_per_step: samples per ``step()`` call when ``step`` is called without ``batch_size``.
+        scheduler: a learning-rate scheduler stepped exactly once per collaborative step, in sync on every peer;
+            pass it here rather than stepping it yourself.
+        min_refresh_period: read the collaboration's progress at most this often (seconds).
+        max_refresh_period: read the collaboration's progress at least this often (seconds).
+        default_refresh_period: read it this often while no other peers are seen (seconds).
+        expected_drift_peers: assume this many peers may join between steps (makes refreshes more frequent).
+        expected_drift_rate: assume this fraction of the collaboration may join or leave between steps.
+        performance_ema_alpha: smoothing of this peer's samples-per-second estimate.
+        metadata_expiration: this peer's progress record lives this long in the DHT unless refreshed (seconds).
+        averaging_timeout: give up on an averaging round after this many seconds; ``None`` means
+            ``DEFAULT_AVERAGING_TIMEOUT`` (30 s). Must exceed the slowest peer's time per micro-batch.
+        step_tolerance: a peer that is this many steps behind the collaboration is still deemed synchronized and
+            keeps training; further behind, it downloads the state from peers at its next ``step()``. A peer never
+            averages with peers at another step: if others are still ahead when its own step comes, it downloads.
+        reuse_grad_buffers: accumulate gradients in ``param.grad`` (saves memory). Then do NOT call ``zero_grad``
+            (``CollaborativeOptimizer.zero_grad`` is a no-op and warns; wiping ``.grad`` otherwise raises at the next
+            ``step``); micro-batches are weighted equally, which is exact when they all have the same size.
+        accumulate_grads_on: accumulate gradients on this device (e.g. ``torch.device("cpu")`` to save accelerator
+            memory); default: the parameters' device. Cannot be combined with ``reuse_grad_buffers``.
+        client_mode: accept no incoming connections (behind NAT/firewall); the peer still contributes gradients
+            through peers that do accept connections. Start the DHT in client mode as well (``start_dht`` does).
+        verbose: log collaboration progress at INFO level instead of DEBUG.
+        **kwargs: passed to hivemind's averager that runs the all-reduce, e.g. ``compression``, ``bandwidth``,
+            ``min_matchmaking_time`` (alias ``averaging_expiration`` or ``matchmaking_time``: how long a group waits
+            for expected peers that are missing, default 5 s), ``target_group_size`` (caps the group size; smaller
+            than the collaboration means peers no longer hold identical parameters), ``request_timeout``.
+
+    Raises:
+        ValueError: for invalid arguments (the message names the argument and the fix).
+        TypeError: for unknown keyword arguments.
+    """
+
+    def __init__(
+        self,
+        opt: torch.optim.Optimizer,
+        *,
+        dht: DHT,
+        prefix: str,
+        target_batch_size: int,
+        batch_size_per_step: int | None = None,
+        scheduler: Any | None = None,
+        min_refresh_period: float = 0.5,
+        max_refresh_period: float = 30,
+        default_refresh_period: float = 3,
+        expected_drift_peers: float = 3,
+        expected_drift_rate: float = 0.2,
+        performance_ema_alpha: float = 0.1,
+        metadata_expiration: float = 60.0,
+        averaging_timeout: float | None = None,
+        step_tolerance: int = 1,
+        reuse_grad_buffers: bool = False,
+        accumulate_grads_on: torch.device | None = None,
+        client_mode: bool = False,
+        verbose: bool = False,
+        **kwargs: Any,
+    ):
+        self._validate_arguments(
+            opt,
+            dht,
+            prefix,
+            target_batch_size,
+            batch_size_per_step,
+            step_tolerance,
+            reuse_grad_buffers,
+            accumulate_grads_on,
+            averaging_timeout,
+        )
+        for name, value in dict(
+            min_refresh_period=min_refresh_period,
+            max_refresh_period=max_refresh_period,
+            default_refresh_period=default_refresh_period,
+            metadata_expiration=metadata_expiration,
+        ).items():
+            _positive_number(name, value)
+        if min_refresh_period > max_refresh_period:
+            raise ValueError(
+                f"min_refresh_period ({min_refresh_period}) must not exceed max_refresh_period ({max_refresh_period})"
+            )
+        averager_kwargs = self._averager_kwargs(kwargs)
+
+        self.opt, self.scheduler, self.dht, self.prefix = opt, scheduler, dht, prefix
+        self.target_batch_size, self.batch_size_per_step = target_batch_size, batch_size_per_step
+        self.step_tolerance = step_tolerance
+        self.averaging_timeout = DEFAULT_AVERAGING_TIMEOUT if averaging_timeout is None else float(averaging_timeout)
+        self.matchmaking_time = float(averager_kwargs["min_matchmaking_time"])
+        self.request_timeout = float(averager_kwargs["request_timeout"])
+        self.reuse_grad_buffers = reuse_grad_buffers
+        self.status_loglevel = logging.INFO if verbose else logging.DEBUG
+        self._min_refresh = min_refresh_period
+        self.local_step = 0
+
+        if client_mode and not dht.client_mode:
+            logger.warning(
+                "client_mode=True, but the DHT accepts incoming connections: start it with client_mode=True "
+                "(collab_core.start_dht does this from the settings) to accept no incoming connections at all"
+            )
+        self.client_mode = bool(client_mode or dht.client_mode)
+
+        self._group_size_cap: int | None = averager_kwargs.pop("target_group_size", None)
+        self._state_lock = threading.RLock()
+        self._shutdown_done = False
+        self._zero_grad_warned = False
+        self._missed_step = False
+        self._failed_rounds = 0
+        self._state_downloads = 0
+        self._last_round: dict[bytes, dict[str, int]] = {}  # peer id -> {"step", "samples"} of the last step
+        self._absent_peers: dict[bytes, float] = {}  # expected in a round but never came: peer id -> record time
+        self._round_mates: dict[bytes, float] = {}  # peers of this peer's last step -> when it was taken (DHT time)
+        self._last_step_call: float | None = None
+        self._seconds_per_call = 0.0  # moving average of the time between step() calls (this peer's micro-batch)
+
+        self._params = [param for group in opt.param_groups for param in group["params"]]
+        self._accumulator = GradientAccumulator(
+            self._params, reuse_grad_buffers=reuse_grad_buffers, accumulate_grads_on=accumulate_grads_on
+        )
+        self._prepare_optimizer()
+        self._averager = CollaborativeAverager(
+            self._make_averaged_tensors(),
+            dht,
+            prefix=f"{prefix}_averager",
+            state_provider=self._shared_state,
+            client_mode=self.client_mode,
+            allreduce_timeout=self.averaging_timeout,
+            **averager_kwargs,
+        )
+        try:
+            self.tracker = CollaborationTracker(
+                dht,
+                prefix,
+                target_batch_size,
+                client_mode=self.client_mode,
+                min_refresh_period=min_refresh_period,
+                max_refresh_period=max_refresh_period,
+                default_refresh_period=default_refresh_period,
+                expected_drift_peers=expected_drift_peers,
+                expected_drift_rate=expected_drift_rate,
+                performance_ema_alpha=performance_ema_alpha,
+                metadata_expiration=metadata_expiration,
+                status_loglevel=self.status_loglevel,
+                start=True,
+            )
+        except BaseException:
+            self._averager.shutdown()
+            raise
+        self._announce()
+
+    # ------------------------------------------------------------------ validation and construction
+
+    @staticmethod
+    def _validate_arguments(
+        opt: Any,
+        dht: Any,
+        prefix: Any,
+        target_batch_size: Any,
+        batch_size_per_step: Any,
+        step_tolerance: Any,
+        reuse_grad_buffers: bool,
+        accumulate_grads_on: Any,
+        averaging_timeout: Any,
+    ) -> None:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise ValueError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")
+        if not any(group["params"] for group in opt.param_groups):
+            raise ValueError("opt has no parameters: create it from model.parameters() of the model you train")
+        if not isinstance(dht, DHT):
+            raise ValueError(f"dht must be a running hivemind.DHT, got {type(dht).__name__}")
+        if not dht.is_alive():
+            raise ValueError(
+                "dht is not running: create it with hivemind.DHT(..., start=True) or collab_core.start_dht(settings)"
+            )
+        if not isinstance(prefix, str) or not prefix or not all(c.isalnum() or c in "_-" for c in prefix):
+            raise ValueError(f"prefix must be a non-empty run name of letters, digits, '_' and '-', got {prefix!r}")
+        _positive_number("target_batch_size", target_batch_size, integer=True)
+        if batch_size_per_step is not None:
+            _positive_number("batch_size_per_step", batch_size_per_step, integer=True)
+        _positive_number("step_tolerance", step_tolerance, integer=True, allow_zero=True)
+        if averaging_timeout is not None:
+            _positive_number("averaging_timeout", averaging_timeout)
+        if reuse_grad_buffers and accumulate_grads_on is not None:
+            raise ValueError(
+                "reuse_grad_buffers=True accumulates in param.grad, so accumulate_grads_on has no effect: "
+                "set accumulate_grads_on=None, or reuse_grad_buffers=False to accumulate on another device"
+            )
+
+    def _averager_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        kwargs = dict(kwargs)
+        for alias in _MATCHMAKING_TIME_ALIASES:
+            if alias in kwargs:
+                value = kwargs.pop(alias)
+                if value is not None:
+                    kwargs.setdefault("min_matchmaking_time", value)
+        unknown = sorted(set(kwargs) - _AVERAGER_ARGS)
+        if unknown:
+            raise TypeError(
+                f"unknown argument(s) {unknown} for CollaborativeOptimizer; extra keyword arguments go to hivemind's "
+                f"averager, which accepts: {sorted(_AVERAGER_ARGS | set(_MATCHMAKING_TIME_ALIASES))}"
+            )
+        matchmaking_time = _positive_number(
+            "min_matchmaking_time", kwargs.get("min_matchmaking_time", DEFAULT_MATCHMAKING_TIME)
+        )
+        kwargs["min_matchmaking_time"] = matchmaking_time
+        # hivemind warns (and may deadlock) unless request_timeout < min_matchmaking_time
+        kwargs.setdefault("request_timeout", min(3.0, matchmaking_time / 2))
+        if kwargs.get("target_group_size") is not None:
+            _positive_number("target_group_size", kwargs["target_group_size"], integer=True)
+        return kwargs
+
+    def _prepare_optimizer(self) -> None:
+        """Hook for subclasses that need the optimizer state to exist before averaging starts."""
+
+    def _make_averaged_tensors(self) -> list[torch.Tensor]:
+        """Host-memory buffers that each round averages: here, one gradient per parameter."""
+        return [torch.zeros_like(param, device="cpu") for param in self._params]
+
+    # ------------------------------------------------------------------ torch.optim.Optimizer pass-through
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The wrapped optimizer's parameter groups."""
+        return self.opt.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.opt.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        """The wrapped optimizer's per-parameter state."""
+        return self.opt.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        """The wrapped optimizer's defaults."""
+        return self.opt.defaults
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Not supported: every peer must average the same tensors, fixed when the optimizer is created."""
+        raise NotImplementedError("add parameter groups to the wrapped optimizer before creating the collaboration")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(prefix={self.prefix!r}, local_step={self.local_step}, opt={self.opt!r})"
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def is_synchronized(self) -> bool:
+        """Whether this peer is at most ``step_tolerance`` collaborative steps behind the collaboration."""
+        return self.local_step >= self.tracker.view.epoch - self.step_tolerance
+
+    @property
+    def collaboration_state(self) -> CollaborationState:
+        """This peer's view of the collaboration (see :class:`CollaborationState`)."""
+        view = self.tracker.view
+        return CollaborationState(
+            optimizer_step=self.local_step,
+            global_step=view.epoch,
+            samples_accumulated=self._samples_toward_next_step(view),
+            target_batch_size=self.target_batch_size,
+            num_peers=view.num_peers,
+            num_clients=view.num_clients,
+            eta_next_step=view.eta_next_epoch,
+            next_fetch_time=view.next_fetch_time,
+            failed_rounds=self._failed_rounds,
+            state_downloads=self._state_downloads,
+            last_round_peers=len(self._last_round),
+            last_round_samples=sum(info["samples"] for info in self._last_round.values()),
+            last_round_participants=tuple(PeerID(peer_id).to_base58() for peer_id in self._last_round),
+        )
+
+    def step(self, batch_size: int | None = None, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        """Report ``batch_size`` more samples (whose gradients are in ``param.grad``); update when the target is met.
+
+        Call it once per micro-batch, after ``loss.backward()``.
+
+        Args:
+            batch_size: samples in this micro-batch; defaults to ``batch_size_per_step``.
+            closure: optional, as in ``torch.optim.Optimizer.step``: called first to compute the loss and gradients.
+            **kwargs: accepted for compatibility with hivemind's former optimizer; must be empty.
+
+        Returns:
+            The closure's loss, if a closure was given.
+
+        Raises:
+            ValueError: if the batch size is missing, not a positive integer, or the optimizer was shut down.
+        """
+        if kwargs:
+            raise TypeError(f"unexpected argument(s) to step(): {sorted(kwargs)}")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batch_size = self._resolve_batch_size(batch_size)
+        if self._shutdown_done:
+            raise ValueError("this CollaborativeOptimizer was shut down; create a new one to keep training")
+        self._measure_call_interval()
+
+        if self.tracker.view.epoch - self.local_step > self.step_tolerance:
+            logger.log(self.status_loglevel, f"{self.prefix}: behind the collaboration, downloading its state")
+            self._discard_current_gradients()
+            self.load_state_from_peers()
+            return loss
+
+        self._accumulator.add(batch_size)
+        self.tracker.report_local_progress(self.local_step, self._accumulator.samples)
+        background_view = self.tracker.view
+        if background_view.num_peers <= 1 and get_dht_time() - background_view.fetched_at >= self._min_refresh:
+            self.tracker.request_refresh()  # alone so far: look for newcomers often, in the background
+        view = self._view_if_target_reached()
+        if view is not None:
+            self._collaborative_step(view)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``param.grad`` (``step`` already does this after accumulating).
+
+        With ``reuse_grad_buffers=True`` this is a no-op with a warning: ``param.grad`` holds the accumulated
+        gradients of samples that are already counted toward the collaboration's target.
+        """
+        if self.reuse_grad_buffers:
+            if not self._zero_grad_warned:
+                logger.warning(
+                    "zero_grad() ignored: with reuse_grad_buffers=True, param.grad accumulates the gradients of "
+                    "samples already reported to the collaboration; they are cleared after each collaborative step"
+                )
+                self._zero_grad_warned = True
+            return
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    def load_state_from_peers(self, **kwargs: Any) -> bool:
+        """Download parameters, optimizer state, scheduler state and step counter from another peer.
+
+        Locally accumulated gradients are discarded (they were computed for the old parameters).
+
+        Args:
+            **kwargs: ``timeout`` (seconds, default: ``averaging_timeout``).
+
+        Returns:
+            True if a state was downloaded, False if no peer could provide one.
+        """
+        timeout = kwargs.pop("timeout", None) or self.averaging_timeout
+        if kwargs:
+            raise TypeError(f"unexpected argument(s) to load_state_from_peers(): {sorted(kwargs)}")
+        try:
+            downloaded = self._averager.load_state_from_peers(timeout=timeout)
+        except Exception as e:
+            logger.warning(f"{self.prefix}: could not download the state from peers: {e!r}")
+            downloaded = None
+        if downloaded is None:
+            logger.warning(f"{self.prefix}: no peer could provide its state; continuing from the local state")
+            return False
+        metadata, tensors = downloaded
+        try:
+            with self._state_lock:
+                step = restore_state(self.opt, self.scheduler, metadata, tensors)
+        except (ValueError, KeyError, TypeError) as e:
+            raise RuntimeError(f"{self.prefix}: the state downloaded from a peer cannot be loaded: {e}") from e
+        self._state_downloads += 1
+        self._set_local_step(step)
+        # peers last seen one step earlier most likely produced this state and are at `step` too: count them in the
+        # next group until their records catch up (as after a step taken together)
+        now = get_dht_time()
+        self._round_mates = {peer.peer_id: now for peer in self.tracker.view.peers_at(step - 1)}
+        self._announce()
+        logger.log(self.status_loglevel, f"{self.prefix}: downloaded the collaboration's state at step {step}")
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """A checkpoint: the wrapped optimizer's and scheduler's state dicts and the collaborative step.
+
+        Works after :meth:`shutdown` too (e.g. to save a checkpoint once training has finished).
+        """
+        with self._state_lock:
+            return {
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "local_step": self.local_step,
+            }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a checkpoint made by :meth:`state_dict` (a plain optimizer state dict is accepted as well)."""
+        if "local_step" not in state_dict:
+            with self._state_lock:
+                self.opt.load_state_dict(state_dict)
+            return
+        with self._state_lock:
+            self.opt.load_state_dict(state_dict["optimizer"])
+            if self.scheduler is not None and state_dict.get("scheduler") is not None:
+                self.scheduler.load_state_dict(state_dict["scheduler"])
+        self._set_local_step(int(state_dict["local_step"]))
+
+    def shutdown(self) -> None:
+        """Leave the collaboration: withdraw this peer's progress record and stop the averager. Idempotent."""
+        if self._shutdown_done:
+            return
+        self._shutdown_done = True
+        try:
+            self.tracker.shutdown(timeout=self.request_timeout)
+        finally:
+            if self._averager.is_alive():
+                self._averager.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            if not getattr(self, "_shutdown_done", True):
+                self.shutdown()
+        except Exception:  # noqa: S110 - interpreter shutdown: nothing useful left to do
+            pass
+
+    # ------------------------------------------------------------------ the collaborative step
+
+    def _resolve_batch_size(self, batch_size: Any) -> int:
+        if batch_size is None:
+            batch_size = self.batch_size_per_step
+        if batch_size is None:
+            raise ValueError(
+                "batch_size is required: call step(batch_size=<samples in this micro-batch>) or create the "
+                "optimizer with batch_size_per_step=<samples per step() call>"
+            )
+        if isinstance(batch_size, bool):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(batch_size, float):
+            if not math.isfinite(batch_size) or batch_size != int(batch_size):
+                raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            batch_size = int(batch_size)
+        try:
+            batch_size = operator.index(batch_size)
+        except TypeError:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}") from None
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        return batch_size
+
+    def _measure_call_interval(self) -> None:
+        now = time.perf_counter()
+        if self._last_step_call is not None:
+            interval = now - self._last_step_call
+            alpha = 0.3 if self._seconds_per_call else 1.0
+            self._seconds_per_call = alpha * interval + (1 - alpha) * self._seconds_per_call
+        self._last_step_call = now
+
+    def _discard_current_gradients(self) -> None:
+        with torch.no_grad():
+            for param in self._params:
+                if param.grad is not None:
+                    param.grad.zero_()
+
+    def _live_peers_at(self, view: CollaborationView, step: int) -> list[PeerRecord]:
+        """Peers whose record is for ``step``, minus peers that missed a round and have published nothing since."""
+        live = []
+        for peer in view.peers_at(step):
+            absent_since = self._absent_peers.get(peer.peer_id)
+            if absent_since is None or peer.time > absent_since:
+                live.append(peer)
+        return live
+
+    def _present_peers(self, view: CollaborationView, step: int) -> list[PeerRecord]:
+        """Live peers at ``step`` plus peers that took the previous step with this one but whose record predates it."""
+        present = self._live_peers_at(view, step)
+        if step == self.local_step:
+            for peer in view.peers_at(step - 1):
+                stepped_at = self._round_mates.get(peer.peer_id)
+                if stepped_at is not None and peer.time < stepped_at:
+                    present.append(peer)
+        return present
+
+    def _samples_toward_next_step(self, view: CollaborationView) -> int:
+        step, local_id = self.local_step, view.local_peer_id
+        others = sum(p.samples for p in self._live_peers_at(view, step) if p.peer_id != local_id)
+        return others + self._accumulator.samples
+
+    def _estimated_samples(self, view: CollaborationView, now: float) -> float:
+        """Samples toward this peer's next step by now, extrapolating each peer's count by its reported speed.
+
+        A peer that took the last step together with this one but whose record in ``view`` still shows the previous
+        step (the view predates that step) is counted from the moment of that step.
+        """
+        local_id, step = view.local_peer_id, self.local_step
+        estimate = float(self._accumulator.samples)
+        for peer in self._present_peers(view, step):
+            if peer.peer_id == local_id:
+                continue
+            if peer.step == step:
+                estimate += peer.samples + max(0.0, now - peer.time) * peer.samples_per_second
+            else:  # a round mate whose record predates the last step: counting since that step
+                estimate += max(0.0, now - self._round_mates[peer.peer_id]) * peer.samples_per_second
+        return estimate
+
+    def _view_if_target_reached(self) -> CollaborationView | None:
+        """A fresh view in which the collaboration reached the target, or None (then keep accumulating)."""
+        if self._estimated_samples(self.tracker.view, get_dht_time()) < self.target_batch_size:
+            return None  # cheap path: by the last view, the target is not near
+        deadline = time.perf_counter() + min(self._seconds_per_call, self.matchmaking_time)
+        while True:
+            try:
+                view = self.tracker.fetch_now(timeout=self.request_timeout)
+            except Exception as e:  # the DHT did not answer: keep training, try again at the next step()
+                logger.warning(f"{self.prefix}: could not read the collaboration's progress: {e!r}")
+                return None
+            if self._samples_toward_next_step(view) >= self.target_batch_size or view.peers_ahead_of(self.local_step):
+                return view
+            # not there yet: wait only if the others will get there before this peer finishes another micro-batch
+            imminent = self._estimated_samples(view, get_dht_time()) >= self.target_batch_size
+            if not imminent or time.perf_counter() >= deadline:
+                return None
+            time.sleep(TARGET_POLL_INTERVAL)
+
+    def _collaborative_step(self, view: CollaborationView) -> None:
+        step = self.local_step
+        ahead = view.peers_ahead_of(step)
+        if ahead:
+            logger.log(
+                self.status_loglevel,
+                f"{self.prefix}: {len(ahead)} peer(s) already took step {step}; downloading their state",
+            )
+            self.load_state_from_peers()
+            return
+        group = self._present_peers(view, step)
+        samples = self._accumulator.samples
+        if len(group) <= 1:
+            self._step_alone()
+            self._finish_step({view.local_peer_id: dict(step=step, samples=samples)})
+            return
+        self._missed_step = False
+        gathered = self._run_round(group)
+        if gathered is not None:
+            self._finish_step(gathered)
+        elif self._missed_step:
+            self.load_state_from_peers()
+        else:
+            self._failed_rounds += 1
+
+    def _step_alone(self) -> None:
+        """Nobody else is at this step: apply this peer's own mean gradient."""
+        with self._state_lock:
+            self._accumulator.write_mean(self._grad_buffers())
+            self._apply_optimizer_step()
+
+    def _grad_buffers(self) -> list[torch.Tensor]:
+        for param in self._params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        return [param.grad for param in self._params]
+
+    def _apply_optimizer_step(self) -> None:
+        self.opt.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def _run_round(self, group: Sequence[PeerRecord]) -> dict[bytes, dict[str, int]] | None:
+        """Average gradients with ``group`` and apply the result; the gathered ``{peer: info}`` or None on failure."""
+        with self._averager.get_tensors() as buffers:
+            self._accumulator.write_mean(buffers)
+        gathered = self._allreduce(group)
+        if gathered is None:
+            return None
+        with self._state_lock, torch.no_grad(), self._averager.get_tensors() as buffers:
+            for grad, averaged in zip(self._grad_buffers(), buffers, strict=True):
+                grad.copy_(averaged, non_blocking=True)
+            self._apply_optimizer_step()
+        return gathered
+
+    def _allreduce(self, group: Sequence[PeerRecord]) -> dict[bytes, dict[str, int]] | None:
+        """One all-reduce of the averager's buffers with the peers of ``group``; gathered info or None on failure."""
+        step, samples = self.local_step, self._accumulator.samples
+        group_size = len(group) if self._group_size_cap is None else min(len(group), self._group_size_cap)
+        started = time.perf_counter()
+        control = None
+        try:
+            self._averager.prepare_round(step, group_size, timeout=self.averaging_timeout)
+            control = self._averager.step(
+                gather=dict(step=step, samples=samples),
+                weight=float(samples),
+                scheduled_time=get_dht_time() + self.matchmaking_time,
+                timeout=self.matchmaking_time + 2 * self.request_timeout,
+                allow_retries=False,
+                wait=False,
+            )
+            result = self._wait_for_round(control, step)
+            if result is None:
+                control.cancel()
+                logger.log(self.status_loglevel, f"{self.prefix}: other peers took step {step} without this peer")
+                self._missed_step = True
+                return None
+        except BaseException as e:
+            if control is not None and not control.done():
+                control.cancel()
+            if not isinstance(e, Exception):
+                raise
+            logger.warning(f"{self.prefix}: averaging for step {step} failed ({e!r}); will retry or resynchronize")
+            return None
+        gathered = {peer_id.to_bytes(): info for peer_id, info in result.items()}
+        steps = {info.get("step") if isinstance(info, dict) else None for info in gathered.values()}
+        if steps != {step}:
+            logger.warning(f"{self.prefix}: averaging group for step {step} contained peers at steps {steps}")
+            return None
+        self._note_absent_peers(group, gathered)
+        logger.log(
+            self.status_loglevel,
+            f"{self.prefix}: averaged step {step} with {len(gathered)} peer(s) in {time.perf_counter() - started:.3f}s",
+        )
+        return gathered
+
+    def _wait_for_round(self, control: StepControl, step: int) -> dict[Any, Any] | None:
+        """The round's gathered data; None if, while the group was still forming, other peers took the step."""
+        deadline = time.perf_counter() + self.matchmaking_time + self.averaging_timeout + 2 * self.request_timeout
+        while True:
+            try:
+                return control.result(timeout=max(0.0, min(ROUND_POLL_INTERVAL, deadline - time.perf_counter())))
+            except (TimeoutError, FutureTimeoutError):  # distinct classes before Python 3.11
+                if time.perf_counter() >= deadline:
+                    raise
+            if control.stage == AveragingStage.LOOKING_FOR_GROUP:
+                try:
+                    if self.tracker.fetch_now(timeout=self.request_timeout).peers_ahead_of(step):
+                        return None
+                except (TimeoutError, FutureTimeoutError):
+                    pass
+
+    def _note_absent_peers(self, group: Sequence[PeerRecord], gathered: dict[bytes, Any]) -> None:
+        for peer in group:
+            if peer.peer_id not in gathered:
+                self._absent_peers[peer.peer_id] = peer.time
+        for peer_id in gathered:
+            self._absent_peers.pop(peer_id, None)
+
+    def _finish_step(self, gathered: dict[bytes, dict[str, int]]) -> None:
+        self._last_round = gathered
+        now = get_dht_time()
+        self._round_mates = {peer_id: now for peer_id in gathered}
+        self._set_local_step(self.local_step + 1)
+        if not self.client_mode:
+            self._averager.state_sharing_priority = self.local_step
+
+    def _announce(self) -> None:
+        """Tell the others at once that this peer is at its current step (so that they count it in)."""
+        try:
+            self.tracker.announce(timeout=self.request_timeout)
+        except Exception as e:  # not fatal: the background reporter publishes with the next samples
+            logger.debug(f"{self.prefix}: could not announce this peer: {e!r}")
+
+    def _set_local_step(self, step: int) -> None:
+        """Move to collaborative step ``step`` with empty accumulators, and tell the other peers."""
+        self._accumulator.reset()
+        self.local_step = step
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(step)
+
+    def _shared_state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """The state a joining peer downloads (called from the averager's background thread)."""
+        with self._state_lock:
+            return capture_state(self.opt, self.scheduler, self.local_step)
+
+
+class CollaborativeAdaptiveOptimizer(CollaborativeOptimizer):
+    """Averages parameters and adaptive optimizer statistics instead of gradients.
+
+    At each collaborative step every peer applies ``opt.step()`` with its *own* accumulated mean gradient; then the
+    peers average (sample-weighted) their parameters and the optimizer statistics named in
+    ``average_opt_statistics`` (e.g. Adam's ``exp_avg_sq``), so all of them hold identical parameters and identical
+    named statistics afterwards. If averaging fails, the local step is rolled back and retried later.
+
+    Args:
+        opt: a standard PyTorch optimizer, typically an adaptive one (Adam, LAMB).
+        average_opt_statistics: names of per-parameter optimizer state tensors to average, e.g. ``["exp_avg_sq"]``.
+        **kwargs: every argument of :class:`CollaborativeOptimizer`.
+
+    Raises:
+        ValueError: if a name in ``average_opt_statistics`` is not a per-parameter tensor of the optimizer state.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, average_opt_statistics: Sequence[str], **kwargs: Any):
+        if isinstance(average_opt_statistics, str) or not all(isinstance(n, str) for n in average_opt_statistics):
+            raise ValueError(
+                f"average_opt_statistics must be a list of optimizer state names, got {average_opt_statistics!r}"
+            )
+        self.average_opt_statistics = tuple(average_opt_statistics)
+        super().__init__(opt, **kwargs)
+
+    def _prepare_optimizer(self) -> None:
+        """Create the optimizer state (without changing anything) so the statistics can be averaged from the start."""
+        if any(len(self.opt.state.get(param, {})) for param in self._params):
+            self._check_statistics()
+            return
+        # one step with zero gradients and learning rate 0 creates the state; step counters are then reset so the
+        # first real update is exactly a fresh optimizer's first update
+        saved_grads = [param.grad for param in self._params]
+        saved_lrs = [group["lr"] for group in self.opt.param_groups]
+        try:
+            for param in self._params:
+                param.grad = torch.zeros_like(param)
+            for group in self.opt.param_groups:
+                group["lr"] = 0.0
+            self.opt.step()
+        finally:
+            for group, lr in zip(self.opt.param_groups, saved_lrs, strict=True):
+                group["lr"] = lr
+            for param, grad in zip(self._params, saved_grads, strict=True):
+                param.grad = grad
+        for param_state in self.opt.state.values():
+            if "step" in param_state:
+                step = param_state["step"]
+                param_state["step"] = torch.zeros_like(step) if isinstance(step, torch.Tensor) else 0
+        self._check_statistics()
+
+    def _check_statistics(self) -> None:
+        for name in self.average_opt_statistics:
+            for param in self._params:
+                value = self.opt.state.get(param, {}).get(name)
+                if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+                    available = sorted(
+                        key for key, v in self.opt.state.get(param, {}).items() if isinstance(v, torch.Tensor)
+                    )
+                    raise ValueError(
+                        f"average_opt_statistics: {name!r} is not a per-parameter tensor in the state of "
+                        f"{type(self.opt).__name__}; available names: {available}"
+                    )
+
+    def _local_tensors(self) -> list[torch.Tensor]:
+        stats = [self.opt.state[param][name] for name in self.average_opt_statistics for param in self._params]
+        return [*self._params, *stats]
+
+    def _make_averaged_tensors(self) -> list[torch.Tensor]:
+        return [tensor.detach().to("cpu", copy=True) for tensor in self._local_tensors()]
+
+    def _run_round(self, group: Sequence[PeerRecord]) -> dict[bytes, dict[str, int]] | None:
+        with self._state_lock:
+            rollback = capture_state(self.opt, self.scheduler, self.local_step)
+            self._step_alone()
+            with torch.no_grad(), self._averager.get_tensors() as buffers:
+                for buffer, local in zip(buffers, self._local_tensors(), strict=True):
+                    buffer.copy_(local)
+        gathered = self._allreduce(group)
+        with self._state_lock, torch.no_grad():
+            if gathered is None:
+                restore_state(self.opt, self.scheduler, *rollback)
+                return None
+            with self._averager.get_tensors() as buffers:
+                for local, averaged in zip(self._local_tensors(), buffers, strict=True):
+                    local.copy_(averaged)
+        return gathered
+
+
+__all__ = [
+    "CollaborativeOptimizer",
+    "CollaborativeAdaptiveOptimizer",
+    "CollaborationState",
+    "DEFAULT_AVERAGING_TIMEOUT",
+    "DEFAULT_MATCHMAKING_TIME",
+]

@@ -1,0 +1,222 @@
+"""Collaboration progress: who is training, at which collaborative step, with how many samples.
+
+Each peer publishes a small signed record ``{prefix}_progress[peer] = (step, samples, samples/s, time, client_mode)``
+in the DHT; everyone reads all records to decide when the collaboration has accumulated ``target_batch_size``.
+
+:class:`CollaborationTracker` is hivemind's :class:`~hivemind.optim.progress_tracker.ProgressTracker` (its
+background thread publishes this peer's record whenever it changes and re-reads everybody's records on a schedule
+derived from the estimated time to the next step) with three changes that our promises need:
+
+* :meth:`CollaborationTracker.fetch_now` reads the records synchronously. The optimizer steps only on a count read
+  *after* this peer reached the target, never on the background estimate alone (a stale view made hivemind peers
+  take solo steps).
+* The parsed view keeps every peer's record (:class:`CollaborationView`), so the optimizer can count the samples and
+  the peers of *its own* step, and notice peers that are ahead of it.
+* Records that are malformed or absurd (wrong types, non-finite rates, timestamps far in the future) are skipped
+  with a warning instead of raising inside the background thread.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hivemind.dht import DHT
+from hivemind.optim.progress_tracker import GlobalTrainingProgress, LocalTrainingProgress, ProgressTracker
+from hivemind.utils import ValueWithExpiration, get_dht_time
+
+from collab_core.log import get_logger
+
+logger = get_logger(__name__)
+
+#: records stamped further than this in the future (seconds) are not trusted
+MAX_CLOCK_SKEW = 60.0
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """One peer's published progress."""
+
+    peer_id: bytes
+    step: int
+    samples: int
+    samples_per_second: float
+    time: float
+    client_mode: bool
+
+
+@dataclass
+class CollaborationView(GlobalTrainingProgress):
+    """The collaboration as seen in one read of the progress records (this peer's own record is always current).
+
+    ``epoch`` is the newest collaborative step announced by a peer that can share its state (not a client), and
+    ``samples_accumulated`` counts samples toward that step, as in hivemind. Use :meth:`samples_at`/:meth:`peers_at`
+    for the step this peer is on.
+    """
+
+    peers: tuple[PeerRecord, ...] = ()
+    fetched_at: float = 0.0
+    local_peer_id: bytes = b""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def peers_at(self, step: int) -> tuple[PeerRecord, ...]:
+        """Peers whose latest record is for collaborative step ``step``."""
+        return tuple(peer for peer in self.peers if peer.step == step)
+
+    def samples_at(self, step: int) -> int:
+        """Samples accumulated toward collaborative step ``step`` by all peers (as last reported)."""
+        return sum(peer.samples for peer in self.peers_at(step))
+
+    def estimated_samples_at(self, step: int, now: float) -> float:
+        """Like :meth:`samples_at`, extrapolating other peers' counts by their reported speed since their report."""
+        total = 0.0
+        for peer in self.peers_at(step):
+            elapsed = 0.0 if peer.peer_id == self.local_peer_id else max(0.0, now - peer.time)
+            total += peer.samples + elapsed * peer.samples_per_second
+        return total
+
+    def peers_ahead_of(self, step: int) -> tuple[PeerRecord, ...]:
+        """Peers (able to share state) that already took collaborative steps beyond ``step``."""
+        return tuple(peer for peer in self.peers if peer.step > step and not peer.client_mode)
+
+
+class CollaborationTracker(ProgressTracker):
+    """hivemind's ProgressTracker with a synchronous fetch and a per-peer view (see the module docstring)."""
+
+    def __init__(self, dht: DHT, prefix: str, target_batch_size: int, **kwargs: Any):
+        self._known_peers: frozenset[bytes] = frozenset()
+        super().__init__(dht, prefix, target_batch_size, **kwargs)
+
+    @property
+    def view(self) -> CollaborationView:
+        """The latest view (from the background refresh or the last :meth:`fetch_now`)."""
+        return self.global_progress  # type: ignore[return-value]
+
+    def fetch_now(self, timeout: float) -> CollaborationView:
+        """Read every peer's record from the DHT now (at most ``timeout`` seconds) and return the fresh view.
+
+        Raises:
+            TimeoutError: if the DHT did not answer in time.
+        """
+        future = self.dht.get(self.training_progress_key, latest=True, return_future=True)
+        result = future.result(timeout=timeout)
+        metadata = result.value if isinstance(result, ValueWithExpiration) else None
+        with self.lock_global_progress:
+            self.global_progress = self._parse_swarm_progress_data(metadata)
+            self.fetched_global_progress_this_epoch.set()
+        self.global_state_updated.set()  # let the background fetcher re-plan its next refresh from the new view
+        return self.view
+
+    def announce(self, timeout: float) -> None:
+        """Publish this peer's current record now, even with no samples yet.
+
+        hivemind's reporter only publishes a peer once it has accumulated samples, so a peer that just joined or
+        downloaded the state would stay invisible for a micro-batch and miss the next step's group.
+        """
+        progress = self.local_progress
+        self.dht.store(
+            self.training_progress_key,
+            subkey=self._local_public_key,
+            value=progress.dict(),
+            expiration_time=get_dht_time() + self.metadata_expiration,
+            return_future=True,
+        ).result(timeout=timeout)
+
+    def request_refresh(self) -> None:
+        """Ask the background thread to read the records now (returns at once; nothing waits for the network)."""
+        self.global_progress.next_fetch_time = get_dht_time()
+        self.global_state_updated.set()
+
+    def _parse_records(self, metadata: Any) -> list[PeerRecord]:
+        local_id = self.dht.peer_id.to_bytes()
+        now = get_dht_time()
+        records: list[PeerRecord] = []
+        if isinstance(metadata, dict):
+            for subkey, entry in metadata.items():
+                value = entry.value if isinstance(entry, ValueWithExpiration) else None
+                if value is None:
+                    continue  # a peer that left cleanly
+                try:
+                    parsed = LocalTrainingProgress.parse_obj(value)
+                except Exception as e:  # a malformed record must not break the background thread
+                    logger.warning(f"Ignoring a malformed progress record under {self.training_progress_key}: {e!r}")
+                    continue
+                if not math.isfinite(parsed.samples_per_second) or not math.isfinite(parsed.time):
+                    logger.warning(f"Ignoring a progress record with non-finite values from {subkey!r}")
+                    continue
+                if parsed.time > now + MAX_CLOCK_SKEW:
+                    logger.warning(f"Ignoring a progress record stamped in the future from {subkey!r}")
+                    continue
+                if parsed.peer_id == local_id:
+                    continue  # our own record may be stale: the current local progress replaces it below
+                records.append(
+                    PeerRecord(
+                        peer_id=parsed.peer_id,
+                        step=parsed.epoch,
+                        samples=parsed.samples_accumulated,
+                        samples_per_second=parsed.samples_per_second,
+                        time=parsed.time,
+                        client_mode=parsed.client_mode,
+                    )
+                )
+        local = self.local_progress
+        records.append(
+            PeerRecord(
+                peer_id=local_id,
+                step=local.epoch,
+                samples=local.samples_accumulated,
+                samples_per_second=self.performance_ema.samples_per_second,
+                time=now,
+                client_mode=local.client_mode,
+            )
+        )
+        return records
+
+    def _parse_swarm_progress_data(self, metadata: Any) -> CollaborationView:
+        now = get_dht_time()
+        records = self._parse_records(metadata)
+        local_step = self.local_progress.epoch
+        global_step = max([local_step] + [peer.step for peer in records if not peer.client_mode])
+
+        view = CollaborationView(
+            epoch=global_step,
+            samples_accumulated=0,
+            target_batch_size=self.target_batch_size,
+            num_peers=len(records),
+            num_clients=sum(peer.client_mode for peer in records),
+            eta_next_epoch=now,
+            next_fetch_time=now,
+            peers=tuple(records),
+            fetched_at=now,
+            local_peer_id=self.dht.peer_id.to_bytes(),
+        )
+        view.samples_accumulated = view.samples_at(global_step)
+
+        total_rate = sum(peer.samples_per_second for peer in records) + self.performance_ema.eps
+        remaining = max(0.0, self.target_batch_size - view.estimated_samples_at(global_step, now))
+        time_to_next_step = remaining / total_rate
+        view.eta_next_epoch = now + time_to_next_step
+
+        peer_ids = frozenset(peer.peer_id for peer in records)
+        if len(records) <= 1:
+            refresh = self.default_refresh_period
+        else:
+            expected_max_peers = max(
+                len(records) + self.expected_drift_peers, len(records) * (1 + self.expected_drift_rate)
+            )
+            refresh = time_to_next_step * len(records) / expected_max_peers
+        if peer_ids - self._known_peers:
+            refresh = 0.0  # somebody joined: look again soon so that the newcomer is counted in the next step
+        self._known_peers = peer_ids
+        view.next_fetch_time = now + min(max(refresh, self.min_refresh_period), self.max_refresh_period)
+
+        logger.log(
+            self.status_loglevel,
+            f"{self.prefix}: step {global_step}, {view.samples_accumulated}/{self.target_batch_size} samples from "
+            f"{len(records)} peer(s), ETA {time_to_next_step:.2f}s",
+        )
+        return view
+
+
+__all__ = ["CollaborationTracker", "CollaborationView", "PeerRecord", "MAX_CLOCK_SKEW"]

@@ -1,0 +1,188 @@
+"""One training peer for the multi-peer tests: a real process with its own DHT node, averager and data.
+
+It trains a small MLP with ``CollaborativeOptimizer`` until the collaboration reaches ``--steps`` collaborative steps
+and writes what the tests check to ``--out`` (a torch file): every micro-batch it contributed (for the single-process
+replay), parameters and optimizer state after each collaborative step, the learning rate each update used, and the
+optimizer's counters. Peers meet at a start barrier and a finish barrier (records in the DHT), so that no peer
+starts before the others exist or leaves while the others may still be averaging with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import torch
+from hivemind.utils import get_dht_time
+
+from collab_core import CollaborativeAdaptiveOptimizer, CollaborativeOptimizer, CollaborativeSettings, start_dht
+from collab_core.averager import CollaborativeAverager
+
+BARRIER_TIMEOUT = 60.0
+
+
+def make_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+
+def make_optimizer(name: str, params) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=0.01)
+    raise ValueError(name)
+
+
+def make_scheduler(opt: torch.optim.Optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+
+
+def barrier(dht, key: str, name: str, expected: int) -> None:
+    dht.store(key, subkey=name, value=True, expiration_time=get_dht_time() + 600)
+    deadline = time.monotonic() + BARRIER_TIMEOUT
+    while time.monotonic() < deadline:
+        found = dht.get(key, latest=True)
+        if found is not None and isinstance(found.value, dict) and len(found.value) >= expected:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"barrier {key}: fewer than {expected} peers arrived within {BARRIER_TIMEOUT}s")
+
+
+def die_during_allreduce(at_step: int) -> None:
+    """Test hook: kill this peer (its whole process group) when its all-reduce for step ``at_step`` starts.
+
+    Patched into the averager class before the averager process is forked, so it runs inside that process right
+    after the group is assembled and before any tensor is sent: the others expect this peer's data and never get it.
+    """
+    original = CollaborativeAverager._aggregate_with_group
+
+    async def aggregate_or_die(self, group_info, *args, **kwargs):
+        _bandwidth, _mode, user_data = self.serializer.loads(
+            group_info.gathered[group_info.peer_ids.index(self.peer_id)]
+        )
+        if self.serializer.loads(user_data)["step"] == at_step:
+            print(f"die hook: SIGKILL at the start of the all-reduce of step {at_step}", flush=True)
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        return await original(self, group_info, *args, **kwargs)
+
+    CollaborativeAverager._aggregate_with_group = aggregate_or_die
+
+
+def visible_maddrs(dht) -> list[str]:
+    try:
+        return [str(addr) for addr in dht.get_visible_maddrs()]
+    except ValueError:  # hivemind raises "No multiaddrs found" for a peer that listens nowhere
+        return []
+
+
+def snapshot(opt: CollaborativeOptimizer) -> dict:
+    params = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+    state = {}
+    for index, param in enumerate(opt.param_groups[0]["params"]):
+        for key, value in opt.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor):
+                state[f"{index}.{key}"] = value.detach().clone()
+    return {"params": params, "state": state}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--peers", type=int, required=True, help="peers at the start barrier")
+    parser.add_argument("--finish-peers", type=int, default=None, help="peers at the finish barrier")
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--data-seed", type=int, required=True)
+    parser.add_argument("--model-seed", type=int, default=0)
+    parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--scheduler", action="store_true")
+    parser.add_argument("--adaptive", default="", help="comma-separated optimizer statistics to average")
+    parser.add_argument("--join-at-step", type=int, default=0, help="start only once the collaboration is here")
+    parser.add_argument("--die-at-step", type=int, default=-1)
+    parser.add_argument("--max-calls", type=int, default=100000)
+    parser.add_argument("--compute-seconds", type=float, default=0.03, help="simulated compute per micro-batch")
+    args = parser.parse_args()
+
+    settings = CollaborativeSettings.resolve()  # COLLAB_* from the test
+    dht, _hint = start_dht(settings, print_hint=False)
+    model = make_model(args.model_seed)
+    opt = make_optimizer(args.optimizer, model.parameters())
+    scheduler = make_scheduler(opt) if args.scheduler else None
+    kwargs = settings.optimizer_kwargs()
+    if args.die_at_step >= 0:
+        die_during_allreduce(args.die_at_step)
+    if args.adaptive:
+        collab = CollaborativeAdaptiveOptimizer(
+            opt, average_opt_statistics=args.adaptive.split(","), scheduler=scheduler, dht=dht, **kwargs
+        )
+    else:
+        collab = CollaborativeOptimizer(opt, scheduler=scheduler, dht=dht, **kwargs)
+
+    barrier(dht, f"{settings.run_id}_test_start", args.name, args.peers)
+    if args.join_at_step:
+        while collab.tracker.fetch_now(timeout=5).epoch < args.join_at_step:
+            time.sleep(0.05)
+
+    generator = torch.Generator().manual_seed(args.data_seed)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    micro_batches, per_step, lrs_used, changes_at_call, step_times, participants = [], {}, {}, [], {}, {}
+    started_at = time.monotonic()
+    calls = 0
+    while collab.local_step < args.steps and calls < args.max_calls:
+        x = torch.randn(args.batch_size, 8, generator=generator)
+        y = torch.randint(0, 4, (args.batch_size,), generator=generator)
+        loss_fn(model(x), y).backward()
+        time.sleep(args.compute_seconds)
+        step_before, lr_before = collab.local_step, collab.param_groups[0]["lr"]
+        params_before = [p.detach().clone() for p in model.parameters()]
+        downloads_before = collab.collaboration_state.state_downloads
+        collab.step(batch_size=args.batch_size)
+        calls += 1
+        downloaded = collab.collaboration_state.state_downloads != downloads_before
+        if not downloaded:  # a micro-batch that triggers a download is discarded
+            micro_batches.append((step_before, x, y))
+        if any(not torch.equal(a, b) for a, b in zip(params_before, model.parameters(), strict=True)):
+            changes_at_call.append(calls)
+        if collab.local_step != step_before:
+            per_step[collab.local_step] = snapshot(collab)
+            step_times[collab.local_step] = time.monotonic()
+            if not downloaded:
+                participants[step_before] = set(collab.collaboration_state.last_round_participants)
+            if not downloaded:
+                lrs_used[step_before] = lr_before
+
+    state = collab.collaboration_state
+    result = {
+        "name": args.name,
+        "local_step": collab.local_step,
+        "micro_batches": micro_batches,
+        "per_step": per_step,
+        "lrs_used": lrs_used,
+        "changes_at_call": changes_at_call,
+        "calls": calls,
+        "final": snapshot(collab),
+        "final_lr": collab.param_groups[0]["lr"],
+        "collaboration_state": state.__dict__,
+        "seconds": time.monotonic() - started_at,
+        "step_times": step_times,
+        "participants": participants,
+        "peer_id": dht.peer_id.to_base58(),
+        "visible_maddrs": visible_maddrs(dht),
+        "state_dict": collab.state_dict(),
+    }
+    torch.save(result, args.out + ".tmp")
+    os.replace(args.out + ".tmp", args.out)
+    barrier(dht, f"{settings.run_id}_test_finish", args.name, args.finish_peers or args.peers)
+    collab.shutdown()
+    dht.shutdown()
+    print(f"{args.name}: done at step {collab.local_step} after {calls} calls", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

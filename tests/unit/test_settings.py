@@ -1,0 +1,421 @@
+"""Tests for collab_core.settings: precedence of sources, parsing, validation and error messages."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import hivemind.compression
+import pytest
+import torch
+
+import collab_core.settings as settings_module
+from collab_core.settings import (
+    COMPRESSION_CLASSES,
+    CollaborativeConfigError,
+    CollaborativeSettings,
+    describe_settings,
+    env_var,
+    field_names,
+)
+
+PEER_ID = "12D3KooWJn8oEDFYFePrekUS6sxn2xTph2ViHFoyiSCy9C1n19Nj"
+PEER_A = f"/ip4/203.0.113.5/tcp/31337/p2p/{PEER_ID}"
+PEER_B = f"/ip4/127.0.0.1/tcp/4242/p2p/{PEER_ID}"
+
+
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "collab.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def assert_mentions(error: CollaborativeConfigError, *fragments: str) -> None:
+    message = str(error)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not found in error message: {message}"
+
+
+# ---------------------------------------------------------------------- defaults and helpers
+
+
+def test_defaults() -> None:
+    settings = CollaborativeSettings()
+    assert settings.run_id == "collab"
+    assert settings.target_batch_size == 4096
+    assert settings.batch_size is None
+    assert settings.initial_peers == []
+    assert settings.host_maddrs == ["/ip4/0.0.0.0/tcp/0"]
+    assert settings.compression == "none"
+    assert settings.min_refresh_period == 0.5 and settings.max_refresh_period == 30.0
+    # mutable defaults are not shared between instances
+    assert CollaborativeSettings().host_maddrs is not settings.host_maddrs
+
+
+def test_every_field_has_one_sentence_help_and_an_env_var() -> None:
+    rows = describe_settings()
+    assert [row["name"] for row in rows] == list(field_names())
+    for f, row in zip(dataclasses.fields(CollaborativeSettings), rows, strict=True):
+        assert f.metadata["help"] == row["help"]
+        assert row["help"].endswith(".") and row["help"][0].isupper()
+        assert row["env_var"] == "COLLAB_" + f.name.upper() == env_var(f.name)
+    types = {row["name"]: row["type"] for row in rows}
+    assert types["batch_size"] == "int | None"
+    assert types["initial_peers"] == "list[str]"
+    assert types["averaging_timeout"] == "float"
+    assert types["verbose"] == "bool"
+    assert {row["name"]: row["default"] for row in rows}["host_maddrs"] == ["/ip4/0.0.0.0/tcp/0"]
+
+
+def test_env_var_rejects_unknown_names() -> None:
+    with pytest.raises(CollaborativeConfigError) as info:
+        env_var("batchsize")
+    assert_mentions(info.value, "'batchsize'", "Did you mean 'batch_size'?")
+
+
+def test_to_dict_round_trips() -> None:
+    settings = CollaborativeSettings(initial_peers=[PEER_A], batch_size=32)
+    data = settings.to_dict()
+    assert set(data) == set(field_names())
+    assert data["initial_peers"] == [PEER_A] and data["initial_peers"] is not settings.initial_peers
+    assert CollaborativeSettings(**data) == settings
+
+
+@pytest.mark.parametrize("name", list(COMPRESSION_CLASSES))
+def test_make_compression(name: str) -> None:
+    compression = CollaborativeSettings(compression=name).make_compression()
+    assert type(compression) is getattr(hivemind.compression, COMPRESSION_CLASSES[name])
+
+
+def test_optimizer_kwargs() -> None:
+    settings = CollaborativeSettings(
+        run_id="my-run",
+        batch_size=16,
+        accumulate_grads_on="cpu",
+        compression="float16",
+        average_opt_statistics=["exp_avg_sq"],
+    )
+    kwargs = settings.optimizer_kwargs()
+    assert set(kwargs) == {
+        "prefix",
+        "target_batch_size",
+        "batch_size_per_step",
+        "min_refresh_period",
+        "max_refresh_period",
+        "default_refresh_period",
+        "metadata_expiration",
+        "averaging_timeout",
+        "step_tolerance",
+        "reuse_grad_buffers",
+        "accumulate_grads_on",
+        "client_mode",
+        "verbose",
+        "matchmaking_time",
+        "compression",
+    }
+    assert kwargs["prefix"] == "my-run"
+    assert kwargs["batch_size_per_step"] == 16
+    assert kwargs["accumulate_grads_on"] == torch.device("cpu")
+    assert isinstance(kwargs["compression"], hivemind.compression.Float16Compression)
+    assert CollaborativeSettings().optimizer_kwargs()["accumulate_grads_on"] is None
+
+
+# ---------------------------------------------------------------------- precedence
+
+
+def test_precedence_explicit_over_env_over_yaml_over_defaults(tmp_path: Path) -> None:
+    path = write_yaml(
+        tmp_path,
+        "run_id: yaml-run\ntarget_batch_size: 100\nbatch_size: 10\nverbose: true\naveraging_timeout: 12\n",
+    )
+    env = {"COLLAB_RUN_ID": "env-run", "COLLAB_BATCH_SIZE": "20", "COLLAB_AVERAGING_TIMEOUT": "7.5", "HOME": "/x"}
+    settings = CollaborativeSettings.resolve(path, env=env, run_id="explicit-run", averaging_timeout=None)
+    assert settings.run_id == "explicit-run"  # explicit beats env and YAML
+    assert settings.batch_size == 20  # env beats YAML
+    assert settings.averaging_timeout == 7.5  # explicit None means "not given"
+    assert settings.target_batch_size == 100  # YAML beats defaults
+    assert settings.verbose is True
+    assert settings.matchmaking_time == 5.0  # default
+
+
+def test_from_yaml_and_from_env(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "target_batch_size: 100\nstep_tolerance: 3\n")
+    settings = CollaborativeSettings.from_yaml(path, env={"COLLAB_STEP_TOLERANCE": "0"})
+    assert (settings.target_batch_size, settings.step_tolerance) == (100, 0)
+    assert CollaborativeSettings.from_env({"COLLAB_TARGET_BATCH_SIZE": "64"}).target_batch_size == 64
+
+
+def test_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLLAB_TARGET_BATCH_SIZE", "128")
+    assert CollaborativeSettings.from_env().target_batch_size == 128
+    assert CollaborativeSettings.resolve().target_batch_size == 128
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path: Path) -> None:
+    assert CollaborativeSettings.from_yaml(write_yaml(tmp_path, "# nothing\n"), env={}) == CollaborativeSettings()
+
+
+# ---------------------------------------------------------------------- parsing
+
+
+def test_env_parsing_of_every_kind() -> None:
+    env = {
+        "COLLAB_INITIAL_PEERS": f" {PEER_A},{PEER_B}\n",
+        "COLLAB_HOST_MADDRS": "/ip4/127.0.0.1/tcp/0   /ip6/::1/tcp/0",
+        "COLLAB_AVERAGE_OPT_STATISTICS": "exp_avg_sq, exp_avg",
+        "COLLAB_ANNOUNCE_MADDRS": "",
+        "COLLAB_CLIENT_MODE": "YES",
+        "COLLAB_VERBOSE": "off",
+        "COLLAB_AVERAGING_TIMEOUT": "45",
+        "COLLAB_MATCHMAKING_TIME": "2.5e0",
+        "COLLAB_BATCH_SIZE": "None",
+        "COLLAB_IDENTITY_PATH": "",
+        "COLLAB_ACCUMULATE_GRADS_ON": "cpu",
+        "COLLAB_TARGET_BATCH_SIZE": " +512 ",
+    }
+    settings = CollaborativeSettings.from_env(env)
+    assert settings.initial_peers == [PEER_A, PEER_B]
+    assert settings.host_maddrs == ["/ip4/127.0.0.1/tcp/0", "/ip6/::1/tcp/0"]
+    assert settings.average_opt_statistics == ["exp_avg_sq", "exp_avg"]
+    assert settings.announce_maddrs == []
+    assert settings.client_mode is True and settings.verbose is False
+    assert settings.averaging_timeout == 45.0 and isinstance(settings.averaging_timeout, float)
+    assert settings.matchmaking_time == 2.5
+    assert settings.batch_size is None and settings.identity_path is None
+    assert settings.accumulate_grads_on == "cpu"
+    assert settings.target_batch_size == 512
+
+
+@pytest.mark.parametrize("text", ["1", "true", "True", "yes", "ON"])
+def test_env_true_values(text: str) -> None:
+    assert CollaborativeSettings.from_env({"COLLAB_USE_IPFS": text}).use_ipfs is True
+
+
+@pytest.mark.parametrize("text", ["0", "false", "FALSE", "no", "Off"])
+def test_env_false_values(text: str) -> None:
+    assert CollaborativeSettings.from_env({"COLLAB_REUSE_GRAD_BUFFERS": text}).reuse_grad_buffers is False
+
+
+def test_yaml_single_string_for_list_and_int_for_float(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, f"initial_peers: {PEER_A}\naveraging_timeout: 10\nbatch_size: null\n")
+    settings = CollaborativeSettings.from_yaml(path, env={})
+    assert settings.initial_peers == [PEER_A]
+    assert settings.averaging_timeout == 10.0 and isinstance(settings.averaging_timeout, float)
+    assert settings.batch_size is None
+
+
+def test_python_values_are_normalised() -> None:
+    settings = CollaborativeSettings(host_maddrs=("/ip4/127.0.0.1/tcp/0",), initial_peers=PEER_A, matchmaking_time=2)
+    assert settings.host_maddrs == ["/ip4/127.0.0.1/tcp/0"]
+    assert settings.initial_peers == [PEER_A]
+    assert settings.matchmaking_time == 2.0 and isinstance(settings.matchmaking_time, float)
+
+
+def test_non_setting_env_vars_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings_module, "NON_SETTING_ENV_VARS", frozenset({"COLLAB_LAUNCHER_PID"}))
+    assert CollaborativeSettings.from_env({"COLLAB_LAUNCHER_PID": "123"}) == CollaborativeSettings()
+
+
+def test_unrelated_env_vars_are_ignored() -> None:
+    assert CollaborativeSettings.from_env({"PATH": "/bin", "COLLABORATE": "x"}) == CollaborativeSettings()
+
+
+# ---------------------------------------------------------------------- bad input: Python arguments
+
+BAD_PYTHON_VALUES: list[tuple[dict[str, Any], str, tuple[str, ...]]] = [
+    ({"target_batch_size": "4"}, "target_batch_size", ("target_batch_size must be an integer", "str '4'")),
+    ({"target_batch_size": True}, "target_batch_size", ("an integer", "bool True")),
+    ({"target_batch_size": 4.0}, "target_batch_size", ("an integer", "float 4.0")),
+    ({"target_batch_size": 0}, "target_batch_size", ("target_batch_size", "> 0", "got 0")),
+    ({"batch_size": -1}, "batch_size", ("batch_size", "> 0", "leave it unset")),
+    ({"batch_size": "8"}, "batch_size", ("batch_size must be an integer or None",)),
+    ({"averaging_timeout": float("inf")}, "averaging_timeout", ("averaging_timeout", "finite number > 0", "inf")),
+    ({"averaging_timeout": "30"}, "averaging_timeout", ("averaging_timeout must be a number",)),
+    ({"matchmaking_time": 0}, "matchmaking_time", ("matchmaking_time", "> 0", "e.g. 5.0")),
+    ({"metadata_expiration": -1.0}, "metadata_expiration", ("metadata_expiration", "> 0")),
+    ({"default_refresh_period": float("nan")}, "default_refresh_period", ("default_refresh_period", "finite")),
+    (
+        {"min_refresh_period": 5.0, "max_refresh_period": 1.0},
+        "min_refresh_period",
+        ("min_refresh_period (5.0)", "max_refresh_period (1.0)", "min_refresh_period <= max_refresh_period"),
+    ),
+    ({"step_tolerance": -1}, "step_tolerance", ("step_tolerance must be >= 0", "got -1")),
+    ({"verbose": 1}, "verbose", ("verbose must be a boolean", "int 1")),
+    ({"client_mode": "false"}, "client_mode", ("client_mode must be a boolean",)),
+    ({"initial_peers": [PEER_A, 7]}, "initial_peers", ("initial_peers must be a list of strings",)),
+    ({"host_maddrs": 42}, "host_maddrs", ("host_maddrs must be a list of strings",)),
+    ({"run_id": "my.run"}, "run_id", ("run_id", "'my.run'", "letters, digits, '_' and '-'", "'.'")),
+    ({"run_id": ""}, "run_id", ("run_id", "non-empty")),
+    ({"run_id": 5}, "run_id", ("run_id must be a string",)),
+    (
+        {"compression": "fp16"},
+        "compression",
+        ("compression", "'fp16'", "none, float16, scaled-float16, uniform8bit, quantile8bit, blockwise8bit"),
+    ),
+    ({"compression": "float-16"}, "compression", ("Did you mean 'float16'?",)),
+    ({"accumulate_grads_on": "gpu7"}, "accumulate_grads_on", ("accumulate_grads_on", "'gpu7'", "'cpu'")),
+    (
+        {"initial_peers": ["/ip4/1.2.3/tcp/x"]},
+        "initial_peers",
+        ("initial_peers: '/ip4/1.2.3/tcp/x' is not a valid multiaddr", "expected something like /ip4/203.0.113.5"),
+    ),
+    (
+        {"host_maddrs": ["localhost:1234"]},
+        "host_maddrs",
+        ("host_maddrs: 'localhost:1234' is not a valid multiaddr", "like /ip4/0.0.0.0/tcp/31337"),
+    ),
+    (
+        {"announce_maddrs": ["/ip4/1.2.3.4/tcp/nope"]},
+        "announce_maddrs",
+        ("announce_maddrs: '/ip4/1.2.3.4/tcp/nope' is not a valid multiaddr",),
+    ),
+    (
+        {"initial_peers": ["/ip4/203.0.113.5/tcp/31337"]},
+        "initial_peers",
+        ("initial_peers: '/ip4/203.0.113.5/tcp/31337'", "/p2p/<peer id>", "full address"),
+    ),
+    ({"announce_maddrs": ["/ip4/203.0.113.5/tcp/0"]}, "announce_maddrs", ("announce_maddrs", "port 0", "explicit")),
+    (
+        {"reuse_grad_buffers": True, "accumulate_grads_on": "cpu"},
+        "reuse_grad_buffers",
+        ("reuse_grad_buffers", "accumulate_grads_on", "drop one"),
+    ),
+    ({"use_ipfs": True, "initial_peers": [PEER_A]}, "use_ipfs", ("use_ipfs", "initial_peers", "drop one")),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting", "fragments"), BAD_PYTHON_VALUES, ids=[str(row[0])[:60] for row in BAD_PYTHON_VALUES]
+)
+def test_bad_python_values(kwargs: dict[str, Any], setting: str, fragments: tuple[str, ...]) -> None:
+    with pytest.raises(CollaborativeConfigError) as info:
+        CollaborativeSettings(**kwargs)
+    assert info.value.setting == setting
+    assert info.value.source is None
+    assert_mentions(info.value, *fragments)
+    # resolve() reports problems with explicit arguments the same way
+    with pytest.raises(CollaborativeConfigError) as info:
+        CollaborativeSettings.resolve(env={}, **kwargs)
+    assert info.value.setting == setting
+    assert_mentions(info.value, *fragments)
+
+
+def test_unknown_explicit_argument() -> None:
+    with pytest.raises(CollaborativeConfigError) as info:
+        CollaborativeSettings.resolve(env={}, target_batchsize=5)
+    assert_mentions(info.value, "'target_batchsize'", "Did you mean 'target_batch_size'?", "valid settings are")
+
+
+# ---------------------------------------------------------------------- bad input: environment
+
+BAD_ENV_VALUES: list[tuple[dict[str, str], str, tuple[str, ...]]] = [
+    (
+        {"COLLAB_VERBOSE": "maybe"},
+        "verbose",
+        ("COLLAB_VERBOSE='maybe'", "verbose", "1, true, yes, on", "0, false, no, off"),
+    ),
+    ({"COLLAB_CLIENT_MODE": ""}, "client_mode", ("COLLAB_CLIENT_MODE=''", "accepted values")),
+    (
+        {"COLLAB_TARGET_BATCH_SIZE": "4.0"},
+        "target_batch_size",
+        ("COLLAB_TARGET_BATCH_SIZE='4.0'", "an integer", "target_batch_size", "COLLAB_TARGET_BATCH_SIZE=4096"),
+    ),
+    ({"COLLAB_STEP_TOLERANCE": "one"}, "step_tolerance", ("COLLAB_STEP_TOLERANCE='one'", "an integer")),
+    (
+        {"COLLAB_BATCH_SIZE": "lots"},
+        "batch_size",
+        ("COLLAB_BATCH_SIZE='lots'", "int | None", "COLLAB_BATCH_SIZE=32", "'none'"),
+    ),
+    ({"COLLAB_AVERAGING_TIMEOUT": "30s"}, "averaging_timeout", ("COLLAB_AVERAGING_TIMEOUT='30s'", "a number")),
+    (
+        {"COLLAB_TARGET_BATCH_SIZE": "0"},
+        "target_batch_size",
+        ("target_batch_size must be an integer > 0", "[set by environment variable COLLAB_TARGET_BATCH_SIZE]"),
+    ),
+    (
+        {"COLLAB_INITIAL_PEERS": f"{PEER_A} /ip4/1.2.3/tcp/x"},
+        "initial_peers",
+        ("'/ip4/1.2.3/tcp/x' is not a valid multiaddr", "environment variable COLLAB_INITIAL_PEERS"),
+    ),
+    (
+        {"COLLAB_BATCH_SZE": "3"},
+        "COLLAB_BATCH_SZE",
+        ("Unknown environment variable COLLAB_BATCH_SZE", "Did you mean 'COLLAB_BATCH_SIZE'?", "COLLAB_RUN_ID"),
+    ),
+    ({"COLLAB_COMPRESSION": "int8"}, "compression", ("'int8'", "quantile8bit", "COLLAB_COMPRESSION")),
+    (
+        {"COLLAB_REUSE_GRAD_BUFFERS": "1", "COLLAB_ACCUMULATE_GRADS_ON": "cpu"},
+        "reuse_grad_buffers",
+        ("reuse_grad_buffers", "accumulate_grads_on", "drop one", "COLLAB_REUSE_GRAD_BUFFERS"),
+    ),
+    ({"COLLAB_RUN_ID": "a.b"}, "run_id", ("run_id", "'a.b'", "COLLAB_RUN_ID")),
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "setting", "fragments"), BAD_ENV_VALUES, ids=[next(iter(r[0])) for r in BAD_ENV_VALUES]
+)
+def test_bad_env_values(env: dict[str, str], setting: str, fragments: tuple[str, ...]) -> None:
+    with pytest.raises(CollaborativeConfigError) as info:
+        CollaborativeSettings.from_env(env)
+    assert info.value.setting == setting
+    assert info.value.source is not None and info.value.source.startswith("environment variable COLLAB_")
+    assert_mentions(info.value, *fragments)
+
+
+def test_explicit_value_hides_bad_env_values() -> None:
+    # the explicit argument wins, so the environment's bad range value is never validated
+    settings = CollaborativeSettings.resolve(env={"COLLAB_TARGET_BATCH_SIZE": "0"}, target_batch_size=8)
+    assert settings.target_batch_size == 8
+    # ... nor is an unparsable one
+    settings = CollaborativeSettings.resolve(env={"COLLAB_VERBOSE": "maybe"}, verbose=True)
+    assert settings.verbose is True
+    # but an explicit None does not hide it
+    with pytest.raises(CollaborativeConfigError, match="COLLAB_VERBOSE"):
+        CollaborativeSettings.resolve(env={"COLLAB_VERBOSE": "maybe"}, verbose=None)
+
+
+# ---------------------------------------------------------------------- bad input: YAML
+
+BAD_YAML_VALUES: list[tuple[str, str | None, tuple[str, ...]]] = [
+    ('target_batch_size: "4096"\n', "target_batch_size", ("target_batch_size must be an integer", "str '4096'")),
+    ("target_batch_size: 4096.0\n", "target_batch_size", ("target_batch_size must be an integer", "float")),
+    ("verbose: 1\n", "verbose", ("verbose must be a boolean", "int 1")),
+    ("averaging_timeout: soon\n", "averaging_timeout", ("averaging_timeout must be a number", "'soon'")),
+    ("initial_peers: {a: b}\n", "initial_peers", ("initial_peers must be a list of strings", "dict")),
+    ("host_maddrs: 5\n", "host_maddrs", ("host_maddrs must be a list of strings",)),
+    ("batch_size: 0\n", "batch_size", ("batch_size must be an integer > 0",)),
+    (
+        "target_bach_size: 5\n",
+        "target_bach_size",
+        ("Unknown key 'target_bach_size'", "Did you mean 'target_batch_size'?", "valid keys are"),
+    ),
+    ("collaborative:\n  run_id: x\n", "collaborative", ("Unknown key 'collaborative'", "valid keys are")),
+    ("- run_id\n- collab\n", None, ("must contain a mapping", "list")),
+    ("run_id: [unclosed\n", None, ("is not valid YAML",)),
+    ("initial_peers:\n  - /ip4/203.0.113.5/tcp/31337\n", "initial_peers", ("/p2p/<peer id>",)),
+]
+
+
+@pytest.mark.parametrize(("text", "setting", "fragments"), BAD_YAML_VALUES, ids=[r[0][:30] for r in BAD_YAML_VALUES])
+def test_bad_yaml_values(tmp_path: Path, text: str, setting: str | None, fragments: tuple[str, ...]) -> None:
+    path = write_yaml(tmp_path, text)
+    with pytest.raises(CollaborativeConfigError) as info:
+        CollaborativeSettings.from_yaml(path, env={})
+    assert info.value.setting == setting
+    assert info.value.source == f"YAML file {path}"
+    assert_mentions(info.value, str(path), *fragments)
+
+
+def test_missing_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "missing.yaml"
+    with pytest.raises(CollaborativeConfigError) as info:
+        CollaborativeSettings.from_yaml(path, env={})
+    assert_mentions(info.value, str(path), "check the path")
+
+
+def test_env_overrides_bad_yaml_value(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "target_batch_size: -5\n")
+    settings = CollaborativeSettings.from_yaml(path, env={"COLLAB_TARGET_BATCH_SIZE": "10"})
+    assert settings.target_batch_size == 10
