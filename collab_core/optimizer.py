@@ -238,6 +238,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         self._last_round: dict[bytes, dict[str, int]] = {}  # peer id -> {"step", "samples"} of the last step
         self._absent_peers: dict[bytes, float] = {}  # expected in a round but never came: peer id -> record time
         self._round_mates: dict[bytes, float] = {}  # peers of this peer's last step -> when it was taken (DHT time)
+        self._reached_step_at: float | None = None  # when this peer reached its current step (None: never stepped)
         self._last_step_call: float | None = None
         self._seconds_per_call = 0.0  # moving average of the time between step() calls (this peer's micro-batch)
 
@@ -490,7 +491,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         self._set_local_step(step)
         # peers last seen one step earlier most likely produced this state and are at `step` too: count them in the
         # next group until their records catch up (as after a step taken together)
-        now = get_dht_time()
+        now = self._reached_step_at = get_dht_time()
         self._round_mates = {peer.peer_id: now for peer in self.tracker.view.peers_at(step - 1)}
         self._announce()
         logger.log(self.status_loglevel, f"{self.prefix}: downloaded the collaboration's state at step {step}")
@@ -576,14 +577,14 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
                 if param.grad is not None:
                     param.grad.zero_()
 
+    def _is_live(self, peer: PeerRecord) -> bool:
+        """False for a peer that missed a round it was expected in and has published nothing since."""
+        absent_since = self._absent_peers.get(peer.peer_id)
+        return absent_since is None or peer.time > absent_since
+
     def _live_peers_at(self, view: CollaborationView, step: int) -> list[PeerRecord]:
-        """Peers whose record is for ``step``, minus peers that missed a round and have published nothing since."""
-        live = []
-        for peer in view.peers_at(step):
-            absent_since = self._absent_peers.get(peer.peer_id)
-            if absent_since is None or peer.time > absent_since:
-                live.append(peer)
-        return live
+        """Live peers whose record is for ``step``."""
+        return [peer for peer in view.peers_at(step) if self._is_live(peer)]
 
     def _present_peers(self, view: CollaborationView, step: int) -> list[PeerRecord]:
         """Live peers at ``step`` plus peers that took the previous step with this one but whose record predates it."""
@@ -591,9 +592,26 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         if step == self.local_step:
             for peer in view.peers_at(step - 1):
                 stepped_at = self._round_mates.get(peer.peer_id)
-                if stepped_at is not None and peer.time < stepped_at:
+                if stepped_at is not None and peer.time < stepped_at and self._is_live(peer):
                     present.append(peer)
         return present
+
+    def _expected_in_round(self, view: CollaborationView, step: int) -> list[PeerRecord]:
+        """Peers to wait for in this step's group: this one, its round mates, peers with samples at ``step``, and
+        peers that arrived at ``step`` (by a state download) after this peer did.
+
+        Other peers without samples (idle, or still starting up before the first step) are not waited for: if they
+        train, their samples show up in time for a later step.
+        """
+        arrived_after = self._reached_step_at
+        return [
+            peer
+            for peer in self._present_peers(view, step)
+            if peer.peer_id == view.local_peer_id
+            or peer.samples > 0
+            or peer.peer_id in self._round_mates
+            or (arrived_after is not None and peer.time > arrived_after)
+        ]
 
     def _samples_toward_next_step(self, view: CollaborationView) -> int:
         step, local_id = self.local_step, view.local_peer_id
@@ -646,7 +664,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             )
             self.load_state_from_peers()
             return
-        group = self._present_peers(view, step)
+        group = self._expected_in_round(view, step)
         samples = self._accumulator.samples
         if len(group) <= 1:
             self._step_alone()
@@ -718,6 +736,9 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
                 control.cancel()
             if not isinstance(e, Exception):
                 raise
+            if control is not None and not control.began_allreduce:
+                # no group formed: nobody we expected came; do not wait for them again until they publish news
+                self._note_absent_peers(group, {self.tracker.view.local_peer_id: {}})
             logger.warning(f"{self.prefix}: averaging for step {step} failed ({e!r}); will retry or resynchronize")
             return None
         gathered = {peer_id.to_bytes(): info for peer_id, info in result.items()}
@@ -757,7 +778,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
 
     def _finish_step(self, gathered: dict[bytes, dict[str, int]]) -> None:
         self._last_round = gathered
-        now = get_dht_time()
+        now = self._reached_step_at = get_dht_time()
         self._round_mates = {peer_id: now for peer_id in gathered}
         self._set_local_step(self.local_step + 1)
         if not self.client_mode:

@@ -41,8 +41,9 @@ COMPRESSION_CLASSES: dict[str, str] = {
     "scaled-float16": "ScaledFloat16Compression",
     "uniform8bit": "Uniform8BitQuantization",
     "quantile8bit": "Quantile8BitQuantization",
-    "blockwise8bit": "BlockwiseQuantization",
 }
+# hivemind's BlockwiseQuantization is not offered: it needs bitsandbytes (a GPU library), without which every
+# all-reduce that uses it fails.
 
 _RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 _INT_PATTERN = re.compile(r"[+-]?\d+")

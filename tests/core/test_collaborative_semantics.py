@@ -296,3 +296,27 @@ def test_peer_dying_mid_allreduce_does_not_stall_or_split_survivors(tmp_path):
     print(f"survivors identical within {worst:.3e}; longest time between steps {longest_gap:.2f}s")
     # the stall is bounded by the timeouts (plus one matchmaking window for the retry and process noise)
     assert longest_gap <= averaging_timeout + 2 * matchmaking_time + 10
+
+
+@pytest.mark.parametrize("tolerance, calls_before_download", [(0, 1), (5, 3)])
+def test_step_tolerance_decides_when_a_lagging_peer_downloads(tmp_path, tolerance, calls_before_download):
+    """Peer ``ahead`` trains 2 steps alone; ``lagging`` starts 2 steps behind (target 96, 32 per call).
+
+    With step_tolerance 0 it is out of sync and downloads on its first step(); with step_tolerance 5 it is deemed
+    synchronized and keeps accumulating, and downloads only when its own step comes (3rd call) and it sees that the
+    collaboration already took it: it never averages with, or steps apart from, peers at another step.
+    """
+    common = ["--compute-seconds", "0", "--finish-peers", "2"]
+    specs = [
+        _peer("ahead", 32, 1, 2, *common, peers=1),
+        _peer("lagging", 32, 2, 2, *common, "--join-at-step", "2", peers=1,
+              env={"COLLAB_STEP_TOLERANCE": str(tolerance)}),
+    ]
+    results = run_peers(tmp_path, f"tolerance{tolerance}", specs, target_batch_size=96, averaging_timeout=20,
+                        matchmaking_time=3)
+    ahead, lagging = results["ahead"], results["lagging"]
+    assert lagging["calls"] == calls_before_download
+    assert lagging["collaboration_state"]["state_downloads"] == 1
+    assert lagging["collaboration_state"]["failed_rounds"] == 0
+    assert _max_diff(lagging["final"]["params"], ahead["final"]["params"]) == 0.0  # a download copies exactly
+    assert _state_diff(lagging["final"]["state"], ahead["final"]["state"]) == 0.0

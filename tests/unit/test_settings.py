@@ -251,7 +251,7 @@ BAD_PYTHON_VALUES: list[tuple[dict[str, Any], str, tuple[str, ...]]] = [
     (
         {"compression": "fp16"},
         "compression",
-        ("compression", "'fp16'", "none, float16, scaled-float16, uniform8bit, quantile8bit, blockwise8bit"),
+        ("compression", "'fp16'", "none, float16, scaled-float16, uniform8bit, quantile8bit"),
     ),
     ({"compression": "float-16"}, "compression", ("Did you mean 'float16'?",)),
     ({"accumulate_grads_on": "gpu7"}, "accumulate_grads_on", ("accumulate_grads_on", "'gpu7'", "'cpu'")),
