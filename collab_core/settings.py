@@ -123,11 +123,15 @@ class CollaborativeSettings:
     )
     averaging_timeout: float = field(
         default=30.0,
-        metadata={"help": "Seconds to wait for an all-reduce round to finish before giving up on it."},
+        metadata={
+            "help": "Seconds after which an unfinished averaging round is abandoned (must exceed a micro-batch's time)."
+        },
     )
     matchmaking_time: float = field(
         default=5.0,
-        metadata={"help": "Seconds spent looking for peers to average with before each all-reduce round."},
+        metadata={
+            "help": "Seconds a forming averaging group waits for expected peers (it closes at once when all are in)."
+        },
     )
     min_refresh_period: float = field(
         default=0.5,
@@ -139,7 +143,9 @@ class CollaborativeSettings:
     )
     default_refresh_period: float = field(
         default=3.0,
-        metadata={"help": "Interval in seconds between progress fetches used until the collaboration rate is known."},
+        metadata={
+            "help": "Seconds between progress fetches while no other peer is seen and step() is not being called."
+        },
     )
     metadata_expiration: float = field(
         default=60.0,
@@ -147,7 +153,7 @@ class CollaborativeSettings:
     )
     step_tolerance: int = field(
         default=1,
-        metadata={"help": "How many steps a peer may lag behind the collaboration before it reloads the state."},
+        metadata={"help": "Steps a peer may lag behind before it downloads the state at its next step() call."},
     )
     reuse_grad_buffers: bool = field(
         default=False,
@@ -163,11 +169,15 @@ class CollaborativeSettings:
     )
     compression: str = field(
         default="none",
-        metadata={"help": "Compression for averaged tensors: " + ", ".join(COMPRESSION_CLASSES) + "."},
+        metadata={
+            "help": "Compression of averaged tensors (lossy ones leave replicas equal only up to the codec error): "
+            + ", ".join(COMPRESSION_CLASSES)
+            + "."
+        },
     )
     verbose: bool = field(
         default=False,
-        metadata={"help": "Log collaboration progress and averaging results at INFO level."},
+        metadata={"help": "Log collaboration progress and averaging results at INFO level (default DEBUG)."},
     )
 
     def __post_init__(self) -> None:
@@ -463,6 +473,15 @@ def describe_settings() -> list[dict[str, Any]]:
         }
         for f in dataclasses.fields(CollaborativeSettings)
     ]
+
+
+def settings_table_markdown() -> str:
+    """The settings as a Markdown table (name, type, default, environment variable, meaning), as in the README."""
+    lines = ["| setting | type | default | environment variable | meaning |", "| --- | --- | --- | --- | --- |"]
+    for row in describe_settings():
+        kind = row["type"].replace("|", "\\|")  # a bare "|" would end the table cell
+        lines.append(f"| `{row['name']}` | `{kind}` | `{row['default']!r}` | `{row['env_var']}` | {row['help']} |")
+    return "\n".join(lines)
 
 
 # Example values for error messages, where the default does not make a good example.

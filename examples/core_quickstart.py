@@ -147,8 +147,9 @@ def demo(args: argparse.Namespace) -> int:
         command = [*script, "--seed", str(index), "--output-dir", str(peer_dir)]
         command += ["--compute-seconds", str(args.compute_seconds), "--wait-for-peers", str(args.peers)]
         log = open(out / f"peer{index}.log", "w")  # noqa: SIM115 - closed when the process ends
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
+        )
         processes.append(process)
         return process
 
@@ -180,9 +181,11 @@ def demo(args: argparse.Namespace) -> int:
                 os.killpg(process.pid, signal.SIGKILL)
 
     weights = [torch.load(out / f"peer{i}" / "model.pt") for i in range(args.peers)]
-    max_diff = max(
-        (weights[0][name] - other[name]).abs().max().item() for other in weights[1:] for name in weights[0]
-    ) if args.peers > 1 else 0.0
+    max_diff = (
+        max((weights[0][name] - other[name]).abs().max().item() for other in weights[1:] for name in weights[0])
+        if args.peers > 1
+        else 0.0
+    )
     print("\nsummary")
     for i in range(args.peers):
         summary = json.loads((out / f"peer{i}" / "summary.json").read_text())

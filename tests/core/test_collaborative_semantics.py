@@ -309,11 +309,13 @@ def test_step_tolerance_decides_when_a_lagging_peer_downloads(tmp_path, toleranc
     common = ["--compute-seconds", "0", "--finish-peers", "2"]
     specs = [
         _peer("ahead", 32, 1, 2, *common, peers=1),
-        _peer("lagging", 32, 2, 2, *common, "--join-at-step", "2", peers=1,
-              env={"COLLAB_STEP_TOLERANCE": str(tolerance)}),
+        _peer(
+            "lagging", 32, 2, 2, *common, "--join-at-step", "2", peers=1, env={"COLLAB_STEP_TOLERANCE": str(tolerance)}
+        ),
     ]
-    results = run_peers(tmp_path, f"tolerance{tolerance}", specs, target_batch_size=96, averaging_timeout=20,
-                        matchmaking_time=3)
+    results = run_peers(
+        tmp_path, f"tolerance{tolerance}", specs, target_batch_size=96, averaging_timeout=20, matchmaking_time=3
+    )
     ahead, lagging = results["ahead"], results["lagging"]
     assert lagging["calls"] == calls_before_download
     assert lagging["collaboration_state"]["state_downloads"] == 1

@@ -30,17 +30,24 @@ def test_compression_setting_averages(two_dhts, name):
     weights = [1.0, 3.0]
     expected = (inputs[0] * weights[0] + inputs[1] * weights[1]) / sum(weights)
     averagers = [
-        CollaborativeAverager([tensor.clone()], dht, prefix=f"compression_{name.replace('-', '_')}",
-                              state_provider=lambda: ({}, []), compression=compression,
-                              min_matchmaking_time=2.0, request_timeout=1.0)
+        CollaborativeAverager(
+            [tensor.clone()],
+            dht,
+            prefix=f"compression_{name.replace('-', '_')}",
+            state_provider=lambda: ({}, []),
+            compression=compression,
+            min_matchmaking_time=2.0,
+            request_timeout=1.0,
+        )
         for tensor, dht in zip(inputs, two_dhts, strict=True)
     ]
     try:
         for averager in averagers:
             averager.prepare_round(step=0, group_size=2, timeout=10)
         controls = [
-            averager.step(weight=weight, wait=False, allow_retries=False, timeout=8,
-                          scheduled_time=get_dht_time() + 2.0)
+            averager.step(
+                weight=weight, wait=False, allow_retries=False, timeout=8, scheduled_time=get_dht_time() + 2.0
+            )
             for averager, weight in zip(averagers, weights, strict=True)
         ]
         for control in controls:

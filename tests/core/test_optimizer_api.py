@@ -64,8 +64,9 @@ def test_bad_target_batch_size(dht, value):
 def test_dht_not_running():
     stopped = hivemind.DHT(host_maddrs=LOOPBACK, start=False)
     with pytest.raises(ValueError, match="dht is not running.*start=True"):
-        CollaborativeOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1), dht=stopped, prefix="x",
-                               target_batch_size=8)
+        CollaborativeOptimizer(
+            torch.optim.SGD(_model().parameters(), lr=0.1), dht=stopped, prefix="x", target_batch_size=8
+        )
 
 
 def test_optimizer_without_parameters(dht):
@@ -85,8 +86,9 @@ def test_unknown_keyword_argument_is_named(dht):
 
 def test_bad_prefix(dht):
     with pytest.raises(ValueError, match="prefix"):
-        CollaborativeOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1), dht=dht, prefix="a.b",
-                               target_batch_size=8)
+        CollaborativeOptimizer(
+            torch.optim.SGD(_model().parameters(), lr=0.1), dht=dht, prefix="a.b", target_batch_size=8
+        )
 
 
 def test_unknown_average_opt_statistics_lists_available_names(dht):
@@ -187,7 +189,8 @@ def test_adaptive_optimizer_creates_state_without_changing_anything(dht):
             m(x).pow(2).mean().backward()
         collab.step(batch_size=64)
         reference_opt.step()
-        assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(model.parameters(), reference.parameters(),
-                                                                     strict=True))
+        assert all(
+            torch.allclose(a, b, atol=1e-7) for a, b in zip(model.parameters(), reference.parameters(), strict=True)
+        )
     finally:
         collab.shutdown()
