@@ -18,7 +18,8 @@ def get_logger(name: str) -> logging.Logger:
     root = logging.getLogger(LOGGER_NAME)
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s", "%b %d %H:%M:%S"))
+        line = "%(asctime)s.%(msecs)03d [%(levelname)s] [%(name)s] %(message)s"
+        handler.setFormatter(logging.Formatter(line, "%b %d %H:%M:%S"))
         root.addHandler(handler)
         root.setLevel(os.environ.get("COLLAB_LOGLEVEL", "INFO").upper())
         root.propagate = False

@@ -209,6 +209,9 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
                 f"min_refresh_period ({min_refresh_period}) must not exceed max_refresh_period ({max_refresh_period})"
             )
         averager_kwargs = self._averager_kwargs(kwargs)
+        averager_kwargs.setdefault(
+            "allreduce_timeout", DEFAULT_AVERAGING_TIMEOUT if averaging_timeout is None else float(averaging_timeout)
+        )
 
         self.opt, self.scheduler, self.dht, self.prefix = opt, scheduler, dht, prefix
         self.target_batch_size, self.batch_size_per_step = target_batch_size, batch_size_per_step
@@ -253,7 +256,6 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             prefix=f"{prefix}_averager",
             state_provider=self._shared_state,
             client_mode=self.client_mode,
-            allreduce_timeout=self.averaging_timeout,
             **averager_kwargs,
         )
         try:
@@ -482,6 +484,12 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             logger.warning(f"{self.prefix}: no peer could provide its state; continuing from the local state")
             return False
         metadata, tensors = downloaded
+        if isinstance(metadata, dict) and isinstance(metadata.get("step"), int) and metadata["step"] < self.local_step:
+            logger.warning(
+                f"{self.prefix}: the only state available is older (step {metadata['step']}) than this peer's "
+                f"(step {self.local_step}); keeping the local state"
+            )
+            return False
         try:
             with self._state_lock:
                 step = restore_state(self.opt, self.scheduler, metadata, tensors)
@@ -655,6 +663,12 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             time.sleep(TARGET_POLL_INTERVAL)
 
     def _collaborative_step(self, view: CollaborationView) -> None:
+        # The state lock is held for the whole step, so a peer downloading this peer's state meanwhile gets the
+        # state *after* this step instead of one that is outdated a moment later (it would have to download again).
+        with self._state_lock:
+            self._collaborative_step_locked(view)
+
+    def _collaborative_step_locked(self, view: CollaborationView) -> None:
         step = self.local_step
         ahead = view.peers_ahead_of(step)
         if ahead:
@@ -749,7 +763,8 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         self._note_absent_peers(group, gathered)
         logger.log(
             self.status_loglevel,
-            f"{self.prefix}: averaged step {step} with {len(gathered)} peer(s) in {time.perf_counter() - started:.3f}s",
+            f"{self.prefix}: averaged step {step} with {len(gathered)} of {len(group)} expected peer(s) in "
+            f"{time.perf_counter() - started:.3f}s",
         )
         return gathered
 

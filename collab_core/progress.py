@@ -123,6 +123,28 @@ class CollaborationTracker(ProgressTracker):
             return_future=True,
         ).result(timeout=timeout)
 
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the background thread and withdraw this peer's record, waiting (up to ``timeout``) until it is gone.
+
+        hivemind's ProgressTracker sends the withdrawal without waiting for it, so a process that exits right after
+        (or shuts its DHT down) can leave a stale record that others keep counting until it expires.
+        """
+        self.shutdown_triggered.set()
+        self.should_report_progress.set()
+        self.global_state_updated.set()
+        self.shutdown_complete.wait(timeout)
+        withdrawal = self.dht.store(
+            self.training_progress_key,
+            subkey=self._local_public_key,
+            value=None,
+            expiration_time=get_dht_time() + self.metadata_expiration,
+            return_future=True,
+        )
+        try:
+            withdrawal.result(timeout=timeout)
+        except Exception as e:
+            logger.warning(f"Could not withdraw this peer's progress record from {self.training_progress_key}: {e!r}")
+
     def request_refresh(self) -> None:
         """Ask the background thread to read the records now (returns at once; nothing waits for the network)."""
         self.global_progress.next_fetch_time = get_dht_time()

@@ -121,6 +121,7 @@ def collab_env(dht: hivemind.DHT, run_id: str, **settings) -> dict[str, str]:
         "COLLAB_INITIAL_PEERS": " ".join(str(addr) for addr in dht.get_visible_maddrs()),
         "COLLAB_HOST_MADDRS": LOOPBACK,
         "HIVEMIND_LOGLEVEL": "INFO",
+        "COLLAB_VERBOSE": "1",  # peer logs (printed when a test fails) show every step and round
     }
     for key, value in settings.items():
         env[f"COLLAB_{key.upper()}"] = str(value)

@@ -124,6 +124,7 @@ def main() -> int:
         collab = CollaborativeOptimizer(opt, scheduler=scheduler, dht=dht, **kwargs)
 
     barrier(dht, f"{settings.run_id}_test_start", args.name, args.peers)
+    collab.tracker.fetch_now(timeout=5)  # see the peers that met at the barrier before the first step
     if args.join_at_step:
         while collab.tracker.fetch_now(timeout=5).epoch < args.join_at_step:
             time.sleep(0.05)
