@@ -52,6 +52,8 @@ logger = get_logger(__name__)
 DEFAULT_AVERAGING_TIMEOUT = 30.0
 #: how long a group waits for peers that are expected but missing (seconds); ``matchmaking_time`` overrides it
 DEFAULT_MATCHMAKING_TIME = 5.0
+#: read the progress records when the estimate is within this fraction of the target
+ESTIMATE_MARGIN = 0.1
 #: how often to re-read progress while waiting for an imminent target (seconds)
 TARGET_POLL_INTERVAL = 0.005
 #: while a group is forming, check this often whether the other peers already took the step (seconds)
@@ -645,8 +647,11 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
 
     def _view_if_target_reached(self) -> CollaborationView | None:
         """A fresh view in which the collaboration reached the target, or None (then keep accumulating)."""
-        if self._estimated_samples(self.tracker.view, get_dht_time()) < self.target_batch_size:
-            return None  # cheap path: by the last view, the target is not near
+        # Cheap path: no DHT read unless, by the last view, the target may be reached before this peer finishes its
+        # next micro-batch (with a margin for the others' speed estimates, which are only moving averages).
+        horizon = get_dht_time() + self._seconds_per_call
+        if self._estimated_samples(self.tracker.view, horizon) < (1 - ESTIMATE_MARGIN) * self.target_batch_size:
+            return None
         deadline = time.perf_counter() + min(self._seconds_per_call, self.matchmaking_time)
         while True:
             try:
@@ -656,16 +661,20 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
                 return None
             if self._samples_toward_next_step(view) >= self.target_batch_size or view.peers_ahead_of(self.local_step):
                 return view
-            # not there yet: wait only if the others will get there before this peer finishes another micro-batch
-            imminent = self._estimated_samples(view, get_dht_time()) >= self.target_batch_size
-            if not imminent or time.perf_counter() >= deadline:
+            # not there yet: wait (polling) only if the others will get there before this peer could finish another
+            # micro-batch; computing one would overshoot the target and delay the step by a whole micro-batch
+            remaining = deadline - time.perf_counter()
+            imminent = self._estimated_samples(view, get_dht_time() + remaining) >= self.target_batch_size
+            if not imminent or remaining <= 0:
                 return None
             time.sleep(TARGET_POLL_INTERVAL)
 
     def _collaborative_step(self, view: CollaborationView) -> None:
         # The state lock is held for the whole step, so a peer downloading this peer's state meanwhile gets the
         # state *after* this step instead of one that is outdated a moment later (it would have to download again).
-        with self._state_lock:
+        # The speed this peer reports counts compute only: time spent in the round would make others underestimate
+        # how soon it contributes its next samples.
+        with self._state_lock, self.tracker.performance_ema.pause():
             self._collaborative_step_locked(view)
 
     def _collaborative_step_locked(self, view: CollaborationView) -> None:
