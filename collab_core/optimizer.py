@@ -16,8 +16,9 @@ How one collaborative step works (``k`` is the number of collaborative steps tak
 
 Failures: a round that fails (timeout, a peer died mid-all-reduce, part of the result missing) changes nothing
 locally; the peer keeps its accumulated gradients, counts the failure in ``collaboration_state`` and tries again,
-unless other peers have meanwhile taken the step, in which case it downloads their state first. A peer never
-applies an update that it did not average with every peer it found at its step.
+unless other peers have meanwhile taken the step, in which case it downloads their state first. A peer applies only
+an all-reduce that completed in full; peers expected in a group that do not come within the matchmaking window are
+left out of that step (they download the state afterwards).
 """
 
 from __future__ import annotations
@@ -141,8 +142,8 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         expected_drift_rate: assume this fraction of the collaboration may join or leave between steps.
         performance_ema_alpha: smoothing of this peer's samples-per-second estimate.
         metadata_expiration: this peer's progress record lives this long in the DHT unless refreshed (seconds).
-        averaging_timeout: give up on an averaging round after this many seconds; ``None`` means
-            ``DEFAULT_AVERAGING_TIMEOUT`` (30 s). Must exceed the slowest peer's time per micro-batch.
+        averaging_timeout: give up on an all-reduce after this many seconds (e.g. a groupmate died); ``None``
+            means ``DEFAULT_AVERAGING_TIMEOUT`` (30 s).
         step_tolerance: a peer that is this many steps behind the collaboration is still deemed synchronized and
             keeps training; further behind, it downloads the state from peers at its next ``step()``. A peer never
             averages with peers at another step: if others are still ahead when its own step comes, it downloads.
@@ -156,8 +157,10 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         verbose: log collaboration progress at INFO level instead of DEBUG.
         **kwargs: passed to hivemind's averager that runs the all-reduce, e.g. ``compression``, ``bandwidth``,
             ``min_matchmaking_time`` (alias ``averaging_expiration`` or ``matchmaking_time``: how long a group waits
-            for expected peers that are missing, default 5 s), ``target_group_size`` (caps the group size; smaller
-            than the collaboration means peers no longer hold identical parameters), ``request_timeout``.
+            for expected peers that are missing, default 5 s; keep it above the slowest peer's time per
+            micro-batch, or slow peers miss steps and download the state), ``target_group_size`` (caps the group
+            size; smaller than the collaboration means peers no longer hold identical parameters),
+            ``request_timeout``.
 
     Raises:
         ValueError: for invalid arguments (the message names the argument and the fix).
@@ -211,14 +214,20 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
                 f"min_refresh_period ({min_refresh_period}) must not exceed max_refresh_period ({max_refresh_period})"
             )
         averager_kwargs = self._averager_kwargs(kwargs)
+        round_timeout = DEFAULT_AVERAGING_TIMEOUT if averaging_timeout is None else float(averaging_timeout)
+        averager_kwargs.setdefault("allreduce_timeout", round_timeout)
+        # hivemind uses next_chunk_timeout as the per-chunk timeout of state downloads (and of all-reduce senders);
+        # a serving peer answers after its current step, which may take a matchmaking window plus an all-reduce
         averager_kwargs.setdefault(
-            "allreduce_timeout", DEFAULT_AVERAGING_TIMEOUT if averaging_timeout is None else float(averaging_timeout)
+            "next_chunk_timeout",
+            averager_kwargs["min_matchmaking_time"] + round_timeout + 2 * averager_kwargs["request_timeout"],
         )
 
         self.opt, self.scheduler, self.dht, self.prefix = opt, scheduler, dht, prefix
         self.target_batch_size, self.batch_size_per_step = target_batch_size, batch_size_per_step
         self.step_tolerance = step_tolerance
-        self.averaging_timeout = DEFAULT_AVERAGING_TIMEOUT if averaging_timeout is None else float(averaging_timeout)
+        self.averaging_timeout = round_timeout
+        self._download_timeout = averager_kwargs["next_chunk_timeout"] + round_timeout
         self.matchmaking_time = float(averager_kwargs["min_matchmaking_time"])
         self.request_timeout = float(averager_kwargs["request_timeout"])
         self.reuse_grad_buffers = reuse_grad_buffers
@@ -469,12 +478,13 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         Locally accumulated gradients are discarded (they were computed for the old parameters).
 
         Args:
-            **kwargs: ``timeout`` (seconds, default: ``averaging_timeout``).
+            **kwargs: ``timeout`` (seconds; default: long enough for the serving peer to finish its current step).
 
         Returns:
             True if a state was downloaded, False if no peer could provide one.
         """
-        timeout = kwargs.pop("timeout", None) or self.averaging_timeout
+        timeout = kwargs.pop("timeout", None)
+        timeout = self._download_timeout if timeout is None else timeout
         if kwargs:
             raise TypeError(f"unexpected argument(s) to load_state_from_peers(): {sorted(kwargs)}")
         try:
@@ -492,13 +502,13 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
                 f"(step {self.local_step}); keeping the local state"
             )
             return False
-        try:
-            with self._state_lock:
+        with self._state_lock:  # parameters and step change together for peers downloading from this one
+            try:
                 step = restore_state(self.opt, self.scheduler, metadata, tensors)
-        except (ValueError, KeyError, TypeError) as e:
-            raise RuntimeError(f"{self.prefix}: the state downloaded from a peer cannot be loaded: {e}") from e
+            except (ValueError, KeyError, TypeError) as e:
+                raise RuntimeError(f"{self.prefix}: the state downloaded from a peer cannot be loaded: {e}") from e
+            self._set_local_step(step)
         self._state_downloads += 1
-        self._set_local_step(step)
         # peers last seen one step earlier most likely produced this state and are at `step` too: count them in the
         # next group until their records catch up (as after a step taken together)
         now = self._reached_step_at = get_dht_time()
@@ -529,7 +539,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             self.opt.load_state_dict(state_dict["optimizer"])
             if self.scheduler is not None and state_dict.get("scheduler") is not None:
                 self.scheduler.load_state_dict(state_dict["scheduler"])
-        self._set_local_step(int(state_dict["local_step"]))
+            self._set_local_step(int(state_dict["local_step"]))
 
     def shutdown(self) -> None:
         """Leave the collaboration: withdraw this peer's progress record and stop the averager. Idempotent."""
@@ -805,8 +815,6 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         now = self._reached_step_at = get_dht_time()
         self._round_mates = {peer_id: now for peer_id in gathered}
         self._set_local_step(self.local_step + 1)
-        if not self.client_mode:
-            self._averager.state_sharing_priority = self.local_step
 
     def _announce(self) -> None:
         """Tell the others at once that this peer is at its current step (so that they count it in)."""
@@ -817,10 +825,13 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
 
     def _set_local_step(self, step: int) -> None:
         """Move to collaborative step ``step`` with empty accumulators, and tell the other peers."""
-        self._accumulator.reset()
-        self.local_step = step
+        with self._state_lock:
+            self._accumulator.reset()
+            self.local_step = step
         with self.tracker.pause_updates():
             self.tracker.update_epoch(step)
+        if not self.client_mode:
+            self._averager.state_sharing_priority = step  # peers download from the most advanced peer first
 
     def _shared_state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """The state a joining peer downloads (called from the averager's background thread)."""
@@ -873,10 +884,15 @@ class CollaborativeAdaptiveOptimizer(CollaborativeOptimizer):
                 group["lr"] = lr
             for param, grad in zip(self._params, saved_grads, strict=True):
                 param.grad = grad
-        for param_state in self.opt.state.values():
-            if "step" in param_state:
-                step = param_state["step"]
-                param_state["step"] = torch.zeros_like(step) if isinstance(step, torch.Tensor) else 0
+        # zero every state entry (weight decay, for one, leaves non-zero moments after a zero-gradient step), so
+        # that the state equals a fresh optimizer's lazily created state (SGD: exact when dampening is 0)
+        with torch.no_grad():
+            for param_state in self.opt.state.values():
+                for key, value in param_state.items():
+                    if isinstance(value, torch.Tensor):
+                        value.zero_()
+                    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                        param_state[key] = type(value)(0)
         self._check_statistics()
 
     def _check_statistics(self) -> None:
@@ -902,18 +918,25 @@ class CollaborativeAdaptiveOptimizer(CollaborativeOptimizer):
     def _run_round(self, group: Sequence[PeerRecord]) -> dict[bytes, dict[str, int]] | None:
         with self._state_lock:
             rollback = capture_state(self.opt, self.scheduler, self.local_step)
+            # with reuse_grad_buffers the local step turns param.grad into the mean in place: keep the sums
+            saved_grads = [g.detach().clone() for g in self._grad_buffers()] if self.reuse_grad_buffers else []
             self._step_alone()
             with torch.no_grad(), self._averager.get_tensors() as buffers:
                 for buffer, local in zip(buffers, self._local_tensors(), strict=True):
                     buffer.copy_(local)
-        gathered = self._allreduce(group)
-        with self._state_lock, torch.no_grad():
-            if gathered is None:
-                restore_state(self.opt, self.scheduler, *rollback)
-                return None
-            with self._averager.get_tensors() as buffers:
-                for local, averaged in zip(self._local_tensors(), buffers, strict=True):
-                    local.copy_(averaged)
+            gathered = None
+            try:
+                gathered = self._allreduce(group)
+            finally:
+                with torch.no_grad():
+                    if gathered is None:  # failed (or interrupted): undo the local step, keep the gradients
+                        restore_state(self.opt, self.scheduler, *rollback)
+                        for grad, saved in zip(self._grad_buffers(), saved_grads, strict=False):
+                            grad.copy_(saved)
+                    else:
+                        with self._averager.get_tensors() as buffers:
+                            for local, averaged in zip(self._local_tensors(), buffers, strict=True):
+                                local.copy_(averaged)
         return gathered
 
 

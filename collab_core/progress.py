@@ -221,7 +221,7 @@ class CollaborationTracker(ProgressTracker):
         view.eta_next_epoch = now + time_to_next_step
 
         peer_ids = frozenset(peer.peer_id for peer in records)
-        if len(records) <= 1:
+        if len(records) <= 1 or total_rate < 1e-9:  # alone, or nobody's speed is known yet: no ETA to plan by
             refresh = self.default_refresh_period
         else:
             expected_max_peers = max(

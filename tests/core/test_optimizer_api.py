@@ -176,14 +176,14 @@ def test_reuse_grad_buffers_keeps_gradients_on_zero_grad(dht, caplog):
 def test_adaptive_optimizer_creates_state_without_changing_anything(dht):
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=0.1)
     collab = _collab(dht, opt, cls=CollaborativeAdaptiveOptimizer, average_opt_statistics=["exp_avg_sq"])
     try:
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
         assert all(float(opt.state[p]["step"]) == 0 for p in model.parameters())
         # the first update equals a fresh Adam's first update on the same gradient
         reference = _model()
-        reference_opt = torch.optim.Adam(reference.parameters(), lr=0.01)
+        reference_opt = torch.optim.Adam(reference.parameters(), lr=0.01, weight_decay=0.1)
         x = torch.randn(64, 4)
         for m in (model, reference):
             m(x).pow(2).mean().backward()
@@ -192,5 +192,40 @@ def test_adaptive_optimizer_creates_state_without_changing_anything(dht):
         assert all(
             torch.allclose(a, b, atol=1e-7) for a, b in zip(model.parameters(), reference.parameters(), strict=True)
         )
+    finally:
+        collab.shutdown()
+
+
+def test_adaptive_round_failure_rolls_back_everything(dht):
+    """A failed averaging round (injected: the all-reduce reports failure) must leave no trace: parameters, optimizer
+    state, learning rate and the accumulated gradients (here in param.grad) are as before, so the retry is exact."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    collab = _collab(
+        dht,
+        opt,
+        cls=CollaborativeAdaptiveOptimizer,
+        average_opt_statistics=["exp_avg_sq"],
+        scheduler=scheduler,
+        reuse_grad_buffers=True,
+        target_batch_size=1000,
+    )
+    try:
+        _train_calls(collab, model, 2)
+        params = [p.detach().clone() for p in model.parameters()]
+        grads = [p.grad.clone() for p in model.parameters()]
+
+        def optimizer_state():
+            return {(i, k): v.clone() for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()}
+
+        state = optimizer_state()
+        collab._allreduce = lambda group: None  # the round fails
+        assert collab._run_round(group=[]) is None
+        assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+        assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters(), strict=True))
+        after = optimizer_state()
+        assert after.keys() == state.keys() and all(torch.equal(state[k], after[k]) for k in state)
+        assert opt.param_groups[0]["lr"] == 0.01 and collab.local_step == 0
     finally:
         collab.shutdown()
