@@ -34,9 +34,10 @@ test: $(STAMP) ## Run the test suite (extra pytest flags: PYTEST_ARGS="...")
 demo: $(STAMP) ## Run a real collaborative training of PEERS peers for STEPS steps on this machine
 	$(VENV_PY) examples/core_quickstart.py --demo --peers $(PEERS) --steps $(STEPS) --output-dir demo_out
 
-lint: $(STAMP) ## ruff check + ruff format --check
+lint: $(STAMP) ## ruff check + ruff format --check + mypy on the public packages
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy collab_core --ignore-missing-imports --follow-imports=silent
 
 format: $(STAMP) ## Apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .

@@ -107,7 +107,9 @@ class CollaborativeAverager(DecentralizedAverager):
             ordered_peer_ids=group_info.peer_ids,
             **kwargs,
         )
-        assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
+        assert group_id in self._running_groups, (
+            f"Group id {group_id!r} was not registered in _register_allreduce_group"
+        )
         self._running_groups[group_id].set_result(runner)
 
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:

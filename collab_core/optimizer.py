@@ -413,7 +413,9 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             last_round_participants=tuple(PeerID(peer_id).to_base58() for peer_id in self._last_round),
         )
 
-    def step(self, batch_size: int | None = None, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+    def step(  # type: ignore[override]  # the reference API takes batch_size first
+        self, batch_size: int | None = None, closure: Callable[[], Any] | None = None, **kwargs: Any
+    ) -> Any:
         """Report ``batch_size`` more samples (whose gradients are in ``param.grad``); update when the target is met.
 
         Call it once per micro-batch, after ``loss.backward()``.

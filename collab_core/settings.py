@@ -244,6 +244,8 @@ class CollaborativeSettings:
     def _validate_device(self) -> None:
         import torch
 
+        if self.accumulate_grads_on is None:
+            return
         try:
             torch.device(self.accumulate_grads_on)
         except (RuntimeError, TypeError, ValueError) as e:
