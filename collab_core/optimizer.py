@@ -449,13 +449,23 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             return loss
 
         self._accumulator.add(batch_size)
-        self.tracker.report_local_progress(self.local_step, self._accumulator.samples)
-        background_view = self.tracker.view
-        if background_view.num_peers <= 1 and get_dht_time() - background_view.fetched_at >= self._min_refresh:
+        now, background_view = get_dht_time(), self.tracker.view
+        # by the last view, may the target be reached before this peer finishes its next micro-batch? (with a margin
+        # for the others' speed estimates, which are only moving averages)
+        near_target = (
+            self._estimated_samples(background_view, now + self._seconds_per_call)
+            >= (1 - ESTIMATE_MARGIN) * self.target_batch_size
+        )
+        # others read this peer's record to decide when to step: publish every micro-batch near the target, and at
+        # most every min_refresh_period otherwise (each publication is a DHT store)
+        publish = near_target or now - self.tracker.last_published >= self._min_refresh
+        self.tracker.report_local_progress(self.local_step, self._accumulator.samples, publish=publish)
+        if background_view.num_peers <= 1 and now - background_view.fetched_at >= self._min_refresh:
             self.tracker.request_refresh()  # alone so far: look for newcomers often, in the background
-        view = self._view_if_target_reached()
-        if view is not None:
-            self._collaborative_step(view)
+        if near_target:
+            view = self._view_if_target_reached()
+            if view is not None:
+                self._collaborative_step(view)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -659,11 +669,6 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
 
     def _view_if_target_reached(self) -> CollaborationView | None:
         """A fresh view in which the collaboration reached the target, or None (then keep accumulating)."""
-        # Cheap path: no DHT read unless, by the last view, the target may be reached before this peer finishes its
-        # next micro-batch (with a margin for the others' speed estimates, which are only moving averages).
-        horizon = get_dht_time() + self._seconds_per_call
-        if self._estimated_samples(self.tracker.view, horizon) < (1 - ESTIMATE_MARGIN) * self.target_batch_size:
-            return None
         deadline = time.perf_counter() + min(self._seconds_per_call, self.matchmaking_time)
         while True:
             try:

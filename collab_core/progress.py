@@ -84,9 +84,32 @@ class CollaborationView(GlobalTrainingProgress):
 class CollaborationTracker(ProgressTracker):
     """hivemind's ProgressTracker with a synchronous fetch and a per-peer view (see the module docstring)."""
 
+    local_progress: LocalTrainingProgress
+
     def __init__(self, dht: DHT, prefix: str, target_batch_size: int, **kwargs: Any):
         self._known_peers: frozenset[bytes] = frozenset()
+        self.last_published = -math.inf  # DHT time of the last record handed to the reporter thread
         super().__init__(dht, prefix, target_batch_size, **kwargs)
+
+    def report_local_progress(
+        self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True, publish: bool = True
+    ) -> None:
+        """Update this peer's progress; with ``publish=False`` only locally, without waking the reporter thread.
+
+        hivemind publishes every report, i.e. a DHT store per micro-batch, which costs the training loop CPU time
+        (measured: a solo peer's loop ran 3.5x slower than plain PyTorch, about 2x without these stores). Records
+        matter to others only near the target, so the optimizer publishes there, and otherwise at most every
+        ``min_refresh_period``.
+        """
+        if publish:
+            super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
+            self.last_published = get_dht_time()
+            return
+        if samples_accumulated > self.local_progress.samples_accumulated:
+            self.performance_ema.update(task_size=samples_accumulated - self.local_progress.samples_accumulated)
+        else:
+            self.performance_ema.reset_timer()
+        self.local_progress = self._get_local_progress(local_epoch, samples_accumulated)
 
     @property
     def view(self) -> CollaborationView:
@@ -115,6 +138,7 @@ class CollaborationTracker(ProgressTracker):
         downloaded the state would stay invisible for a micro-batch and miss the next step's group.
         """
         progress = self.local_progress
+        self.last_published = get_dht_time()
         self.dht.store(
             self.training_progress_key,
             subkey=self._local_public_key,
