@@ -133,19 +133,25 @@ def test_replicas_identical_after_every_step(three_peers):
     assert all("0.momentum_buffer" in r["final"]["state"] for r in three_peers.values())
 
 
-def test_scheduler_learning_rate_matches_plain_loop(three_peers):
+def _plain_loop_learning_rates(steps: int) -> list[float]:
+    """The learning rate of each update of a plain ``opt.step(); scheduler.step()`` loop (plus the one after)."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     sched = make_scheduler(opt)
-    expected = []
-    for _ in range(STEPS):
-        expected.append(opt.param_groups[0]["lr"])
+    rates = []
+    for _ in range(steps):
+        rates.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return [*rates, opt.param_groups[0]["lr"]]
+
+
+def test_scheduler_learning_rate_matches_plain_loop(three_peers):
+    expected = _plain_loop_learning_rates(STEPS)
     for result in three_peers.values():
         assert len(result["lrs_used"]) >= STEPS // 2
         for step, lr in result["lrs_used"].items():
             assert lr == pytest.approx(expected[step], rel=1e-12), step
-        assert result["final_lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        assert result["final_lr"] == pytest.approx(expected[STEPS], rel=1e-12)
         assert result["state_dict"]["local_step"] == STEPS
         assert result["state_dict"]["scheduler"]["last_epoch"] == STEPS
 
@@ -197,8 +203,10 @@ def test_late_joiner_scheduler_and_step_counter(late_join):
     late, a = late_join["late"], late_join["a"]
     assert late["local_step"] == a["local_step"] == 10
     assert late["final_lr"] == pytest.approx(a["final_lr"], rel=1e-12)
+    expected = _plain_loop_learning_rates(10)
+    assert late["lrs_used"]  # it took steps itself after joining
     for step, lr in late["lrs_used"].items():
-        assert lr == pytest.approx(a["lrs_used"][step], rel=1e-12), step
+        assert lr == pytest.approx(expected[step], rel=1e-12), step
     assert late["state_dict"]["scheduler"]["last_epoch"] == a["state_dict"]["scheduler"]["last_epoch"] == 10
 
 
@@ -287,7 +295,10 @@ def test_peer_dying_mid_allreduce_does_not_stall_or_split_survivors(tmp_path):
             results = {"a": a.result(), "b": b.result()}
     for result in results.values():
         assert result["local_step"] == steps
-        assert result["collaboration_state"]["failed_rounds"] >= 1  # the lost round is reported, not hidden
+        state = result["collaboration_state"]
+        # the lost round is reported, not hidden (a survivor that was not in that group downloads instead)
+        assert state["failed_rounds"] >= 1 or state["state_downloads"] >= 1
+    assert any(r["collaboration_state"]["failed_rounds"] >= 1 for r in results.values())
     worst = max(
         _max_diff(results["a"]["per_step"][k]["params"], results["b"]["per_step"][k]["params"])
         for k in set(results["a"]["per_step"]) & set(results["b"]["per_step"])
