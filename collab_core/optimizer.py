@@ -232,7 +232,6 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         self.request_timeout = float(averager_kwargs["request_timeout"])
         self.reuse_grad_buffers = reuse_grad_buffers
         self.status_loglevel = logging.INFO if verbose else logging.DEBUG
-        self._min_refresh = min_refresh_period
         self.local_step = 0
 
         if client_mode and not dht.client_mode:
@@ -458,9 +457,9 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         )
         # others read this peer's record to decide when to step: publish every micro-batch near the target, and at
         # most every min_refresh_period otherwise (each publication is a DHT store)
-        publish = near_target or now - self.tracker.last_published >= self._min_refresh
+        publish = near_target or now - self.tracker.last_published >= self.tracker.min_refresh_period
         self.tracker.report_local_progress(self.local_step, self._accumulator.samples, publish=publish)
-        if background_view.num_peers <= 1 and now - background_view.fetched_at >= self._min_refresh:
+        if background_view.num_peers <= 1 and now - background_view.fetched_at >= self.tracker.min_refresh_period:
             self.tracker.request_refresh()  # alone so far: look for newcomers often, in the background
         if near_target:
             view = self._view_if_target_reached()
