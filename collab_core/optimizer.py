@@ -42,6 +42,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from collab_core.accumulator import GradientAccumulator
+from collab_core.amp import LossScaleKeeper
 from collab_core.averager import CollaborativeAverager
 from collab_core.log import get_logger
 from collab_core.progress import CollaborationTracker, CollaborationView, PeerRecord
@@ -82,6 +83,7 @@ class CollaborationState:
         next_fetch_time: when the background tracker reads the collaboration's progress again (DHT time).
         failed_rounds: averaging rounds that failed on this peer (it did not apply them).
         state_downloads: times this peer downloaded the state from peers.
+        overflow_steps: collaborative steps skipped because some peer's fp16 gradients had inf/NaN.
         last_round_peers: peers that took part in this peer's last collaborative step.
         last_round_samples: samples averaged in that step.
         last_round_participants: DHT peer ids (base58) of those peers, this one included.
@@ -97,6 +99,7 @@ class CollaborationState:
     next_fetch_time: float
     failed_rounds: int
     state_downloads: int
+    overflow_steps: int
     last_round_peers: int
     last_round_samples: int
     last_round_participants: tuple[str, ...] = ()
@@ -154,6 +157,11 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             memory); default: the parameters' device. Cannot be combined with ``reuse_grad_buffers``.
         client_mode: accept no incoming connections (behind NAT/firewall); the peer still contributes gradients
             through peers that do accept connections. Start the DHT in client mode as well (``start_dht`` does).
+        grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (fp16 mixed precision). ``param.grad`` then
+            holds scaled gradients; the optimizer unscales this peer's accumulated gradient once per collaborative
+            step, and if any peer of the round found inf/NaN, every peer skips the update (the step still counts)
+            and the scale backs off; it grows after ``growth_interval`` clean steps. Do not call the scaler's
+            ``step``/``unscale_``/``update`` yourself: the scale must stay constant between collaborative steps.
         verbose: log collaboration progress at INFO level instead of DEBUG.
         **kwargs: passed to hivemind's averager that runs the all-reduce, e.g. ``compression``, ``bandwidth``,
             ``min_matchmaking_time`` (alias ``averaging_expiration`` or ``matchmaking_time``: how long a group waits
@@ -188,6 +196,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         reuse_grad_buffers: bool = False,
         accumulate_grads_on: torch.device | None = None,
         client_mode: bool = False,
+        grad_scaler: Any | None = None,
         verbose: bool = False,
         **kwargs: Any,
     ):
@@ -231,6 +240,8 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         self.matchmaking_time = float(averager_kwargs["min_matchmaking_time"])
         self.request_timeout = float(averager_kwargs["request_timeout"])
         self.reuse_grad_buffers = reuse_grad_buffers
+        self.grad_scaler = grad_scaler
+        self._loss_scale = LossScaleKeeper(grad_scaler) if grad_scaler is not None else None
         self.status_loglevel = logging.INFO if verbose else logging.DEBUG
         self.local_step = 0
 
@@ -248,6 +259,8 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         self._missed_step = False
         self._failed_rounds = 0
         self._state_downloads = 0
+        self._overflow_steps = 0
+        self.last_step_overflowed = False  # the last collaborative step was skipped for inf/NaN (fp16) gradients
         self._last_round: dict[bytes, dict[str, int]] = {}  # peer id -> {"step", "samples"} of the last step
         self._absent_peers: dict[bytes, float] = {}  # expected in a round but never came: peer id -> record time
         self._round_mates: dict[bytes, float] = {}  # peers of this peer's last step -> when it was taken (DHT time)
@@ -354,8 +367,15 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         """Hook for subclasses that need the optimizer state to exist before averaging starts."""
 
     def _make_averaged_tensors(self) -> list[torch.Tensor]:
-        """Host-memory buffers that each round averages: here, one gradient per parameter."""
-        return [torch.zeros_like(param, device="cpu") for param in self._params]
+        """Host-memory buffers that each round averages: one gradient per parameter (+ the overflow flag with fp16)."""
+        buffers = [torch.zeros_like(param, device="cpu") for param in self._params]
+        if self._scaling_loss:
+            buffers.append(torch.zeros(1))  # weighted mean > 0 iff some peer of the round overflowed
+        return buffers
+
+    @property
+    def _scaling_loss(self) -> bool:
+        return self._loss_scale is not None and self._loss_scale.enabled
 
     # ------------------------------------------------------------------ torch.optim.Optimizer pass-through
 
@@ -407,6 +427,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             next_fetch_time=view.next_fetch_time,
             failed_rounds=self._failed_rounds,
             state_downloads=self._state_downloads,
+            overflow_steps=self._overflow_steps,
             last_round_peers=len(self._last_round),
             last_round_samples=sum(info["samples"] for info in self._last_round.values()),
             last_round_participants=tuple(PeerID(peer_id).to_base58() for peer_id in self._last_round),
@@ -721,8 +742,10 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
     def _step_alone(self) -> None:
         """Nobody else is at this step: apply this peer's own mean gradient."""
         with self._state_lock:
-            self._accumulator.write_mean(self._grad_buffers())
-            self._apply_optimizer_step()
+            gradients = self._grad_buffers()
+            self._accumulator.write_mean(gradients)
+            overflow = self._scaling_loss and not self._loss_scale.unscale_(gradients)  # type: ignore[union-attr]
+            self._apply_optimizer_step(overflow=overflow)
 
     def _grad_buffers(self) -> list[torch.Tensor]:
         for param in self._params:
@@ -730,22 +753,35 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
                 param.grad = torch.zeros_like(param)
         return [param.grad for param in self._params]
 
-    def _apply_optimizer_step(self) -> None:
-        self.opt.step()
+    def _apply_optimizer_step(self, overflow: bool = False) -> None:
+        """``opt.step()`` with the gradients in ``param.grad``, unless some peer's fp16 gradients overflowed."""
+        if self._scaling_loss:
+            self._loss_scale.update(found_inf=overflow)  # type: ignore[union-attr]
+        self.last_step_overflowed = overflow
+        if overflow:
+            self._overflow_steps += 1
+            logger.warning(f"{self.prefix}: inf/NaN in the fp16 gradients of step {self.local_step}; skipping it")
+        else:
+            self.opt.step()
+        # the scheduler follows the step count, skipped or not, so that every peer's learning rate stays the same
         if self.scheduler is not None:
             self.scheduler.step()
 
     def _run_round(self, group: Sequence[PeerRecord]) -> dict[bytes, dict[str, int]] | None:
         """Average gradients with ``group`` and apply the result; the gathered ``{peer: info}`` or None on failure."""
-        with self._averager.get_tensors() as buffers:
-            self._accumulator.write_mean(buffers)
+        with torch.no_grad(), self._averager.get_tensors() as buffers:
+            gradients = buffers[: len(self._params)]
+            self._accumulator.write_mean(gradients)
+            if self._scaling_loss:  # unscale once per step; a peer's inf/NaN must not reach the others
+                buffers[-1].fill_(0.0 if self._loss_scale.unscale_(gradients) else 1.0)  # type: ignore[union-attr]
         gathered = self._allreduce(group)
         if gathered is None:
             return None
         with self._state_lock, torch.no_grad(), self._averager.get_tensors() as buffers:
-            for grad, averaged in zip(self._grad_buffers(), buffers, strict=True):
+            for grad, averaged in zip(self._grad_buffers(), buffers, strict=False):
                 grad.copy_(averaged, non_blocking=True)
-            self._apply_optimizer_step()
+            overflow = self._scaling_loss and float(buffers[-1]) > 0
+            self._apply_optimizer_step(overflow=overflow)
         return gathered
 
     def _allreduce(self, group: Sequence[PeerRecord]) -> dict[bytes, dict[str, int]] | None:
@@ -863,6 +899,11 @@ class CollaborativeAdaptiveOptimizer(CollaborativeOptimizer):
     """
 
     def __init__(self, opt: torch.optim.Optimizer, average_opt_statistics: Sequence[str], **kwargs: Any):
+        if kwargs.get("grad_scaler") is not None:
+            raise ValueError(
+                "grad_scaler (fp16 mixed precision) is not supported by CollaborativeAdaptiveOptimizer: each peer "
+                "steps locally before averaging. Use bf16 mixed precision, or CollaborativeOptimizer."
+            )
         if isinstance(average_opt_statistics, str) or not all(isinstance(n, str) for n in average_opt_statistics):
             raise ValueError(
                 f"average_opt_statistics must be a list of optimizer state names, got {average_opt_statistics!r}"

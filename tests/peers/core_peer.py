@@ -105,6 +105,8 @@ def main() -> int:
     parser.add_argument("--join-at-step", type=int, default=0, help="start only once the collaboration is here")
     parser.add_argument("--die-at-step", type=int, default=-1)
     parser.add_argument("--max-calls", type=int, default=100000)
+    parser.add_argument("--grad-scale", type=float, default=0.0, help="fp16-style loss scaling with this scale")
+    parser.add_argument("--overflow-at-step", type=int, default=-1, help="make this peer's gradient inf there")
     parser.add_argument("--compute-seconds", type=float, default=0.03, help="simulated compute per micro-batch")
     args = parser.parse_args()
 
@@ -114,6 +116,10 @@ def main() -> int:
     opt = make_optimizer(args.optimizer, model.parameters())
     scheduler = make_scheduler(opt) if args.scheduler else None
     kwargs = settings.optimizer_kwargs()
+    scaler = None
+    if args.grad_scale:  # fp32 math with a power-of-two scale: exact, so the replay comparison still holds
+        scaler = torch.amp.GradScaler("cpu", init_scale=args.grad_scale, growth_interval=3)
+        kwargs["grad_scaler"] = scaler
     if args.die_at_step >= 0:
         die_during_allreduce(args.die_at_step)
     if args.adaptive:
@@ -137,7 +143,10 @@ def main() -> int:
     while collab.local_step < args.steps and calls < args.max_calls:
         x = torch.randn(args.batch_size, 8, generator=generator)
         y = torch.randint(0, 4, (args.batch_size,), generator=generator)
-        loss_fn(model(x), y).backward()
+        loss = loss_fn(model(x), y)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if collab.local_step == args.overflow_at_step:
+            next(model.parameters()).grad[0, 0] = float("inf")
         time.sleep(args.compute_seconds)
         step_before, lr_before = collab.local_step, collab.param_groups[0]["lr"]
         params_before = [p.detach().clone() for p in model.parameters()]
@@ -175,6 +184,7 @@ def main() -> int:
         "peer_id": dht.peer_id.to_base58(),
         "visible_maddrs": visible_maddrs(dht),
         "state_dict": collab.state_dict(),
+        "scale": scaler.get_scale() if scaler is not None else None,
     }
     torch.save(result, args.out + ".tmp")
     os.replace(args.out + ".tmp", args.out)
