@@ -59,7 +59,8 @@ def start_dht(
 def _dht_kwargs(settings: CollaborativeSettings, startup_timeout: float) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "initial_peers": list(settings.initial_peers),
-        "host_maddrs": list(settings.host_maddrs),
+        # a client accepts no incoming connections, so it listens nowhere (host_maddrs would only open a port)
+        "host_maddrs": [] if settings.client_mode else list(settings.host_maddrs),
         "client_mode": settings.client_mode,
         "use_ipfs": settings.use_ipfs,
         # forwarded to hivemind.p2p.P2P.create: bounds how long the p2pd daemon may take to start and bootstrap,

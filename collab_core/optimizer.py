@@ -23,6 +23,7 @@ left out of that step (they download the state afterwards).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
@@ -87,6 +88,7 @@ class CollaborationState:
         last_round_peers: peers that took part in this peer's last collaborative step.
         last_round_samples: samples averaged in that step.
         last_round_participants: DHT peer ids (base58) of those peers, this one included.
+        samples_per_second: the whole collaboration's throughput, by the peers' reports (last view).
     """
 
     optimizer_step: int
@@ -103,6 +105,7 @@ class CollaborationState:
     last_round_peers: int
     last_round_samples: int
     last_round_participants: tuple[str, ...] = ()
+    samples_per_second: float = 0.0
 
 
 def _positive_number(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> Any:
@@ -431,6 +434,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             last_round_peers=len(self._last_round),
             last_round_samples=sum(info["samples"] for info in self._last_round.values()),
             last_round_participants=tuple(PeerID(peer_id).to_base58() for peer_id in self._last_round),
+            samples_per_second=float(view.samples_per_second),
         )
 
     def step(  # type: ignore[override]  # the reference API takes batch_size first
@@ -726,6 +730,12 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             return
         group = self._expected_in_round(view, step)
         samples = self._accumulator.samples
+        if self.client_mode and not any(not peer.client_mode for peer in group) and self._servers_exist(view):
+            # Nobody can download a client's state: had it stepped without a peer that accepts connections, it
+            # would be a step ahead of them for good (they never download from clients). Keep accumulating until
+            # such a peer reaches this step; its round then includes this peer's samples.
+            logger.log(self.status_loglevel, f"{self.prefix}: client peer waits for a non-client peer at step {step}")
+            return
         if len(group) <= 1:
             self._step_alone()
             self._finish_step({view.local_peer_id: dict(step=step, samples=samples)})
@@ -738,6 +748,11 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             self.load_state_from_peers()
         else:
             self._failed_rounds += 1
+
+    @staticmethod
+    def _servers_exist(view: CollaborationView) -> bool:
+        """Whether the collaboration has peers that accept connections (and so can average and share state)."""
+        return any(not peer.client_mode for peer in view.peers if peer.peer_id != view.local_peer_id)
 
     def _step_alone(self) -> None:
         """Nobody else is at this step: apply this peer's own mean gradient."""
@@ -809,7 +824,9 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         except BaseException as e:
             if control is not None and not control.done():
                 control.cancel()
-            if not isinstance(e, Exception):
+            # hivemind cancels a step's future from inside the averager (e.g. when matchmaking is torn down), and
+            # result() then raises asyncio.CancelledError, a BaseException: that is a failed round, not an interrupt
+            if not isinstance(e, (Exception, asyncio.CancelledError)):
                 raise
             if control is not None and not control.began_allreduce:
                 # no group formed: nobody we expected came; do not wait for them again until they publish news

@@ -18,6 +18,7 @@ derived from the estimated time to the next step) with three changes that our pr
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,11 @@ class CollaborationView(GlobalTrainingProgress):
             elapsed = 0.0 if peer.peer_id == self.local_peer_id else max(0.0, now - peer.time)
             total += peer.samples + elapsed * peer.samples_per_second
         return total
+
+    @property
+    def samples_per_second(self) -> float:
+        """The collaboration's throughput: the sum of every peer's reported samples per second."""
+        return sum(peer.samples_per_second for peer in self.peers)
 
     def peers_ahead_of(self, step: int) -> tuple[PeerRecord, ...]:
         """Peers (able to share state) that already took collaborative steps beyond ``step``."""
@@ -146,6 +152,22 @@ class CollaborationTracker(ProgressTracker):
             expiration_time=get_dht_time() + self.metadata_expiration,
             return_future=True,
         ).result(timeout=timeout)
+
+    def run(self) -> None:
+        """The background thread: hivemind's reporter and fetcher coroutines, on an event loop that is closed after.
+
+        Workaround (hivemind 1.1.12, ``ProgressTracker.run``): hivemind never closes the loop, so the threads of its
+        default executor (which the coroutines use to wait on events) outlive the tracker, 3-4 threads per tracker
+        and so per ``fit``. Here the executor is shut down and the loop closed before ``shutdown_complete`` is set.
+        """
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(asyncio.gather(self._progress_reporter(), self._progress_fetcher()))
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+            self.shutdown_complete.set()
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop the background thread and withdraw this peer's record, waiting (up to ``timeout``) until it is gone.

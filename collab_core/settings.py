@@ -103,7 +103,7 @@ class CollaborativeSettings:
     )
     host_maddrs: list[str] = field(
         default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"],
-        metadata={"help": "Multiaddrs this peer listens on for DHT and averaging traffic."},
+        metadata={"help": "Multiaddrs this peer listens on for DHT and averaging traffic (none in client mode)."},
     )
     announce_maddrs: list[str] = field(
         default_factory=list,

@@ -1,8 +1,50 @@
-"""PyTorch Lightning integration for collaborative training (planned, issue 3).
+"""Lightning integration: ``Trainer(strategy="collaborative")`` for collaborative training over hivemind.
 
-This package will provide a Lightning strategy that wraps the model's optimizer in
-``collab_core.CollaborativeOptimizer`` so that a ``Trainer`` can join a hivemind
-collaboration. Nothing is exported yet; Lightning itself is deliberately not imported here.
+``import lightning_collab`` registers the strategy name ``"collaborative"`` in the registry of every installed
+Lightning namespace (a strategy name is only known once the package that registers it is imported; LightningCLI's
+``class_path: lightning_collab.CollaborativeStrategy`` imports it by itself):
+
+* ``lightning_collab.CollaborativeStrategy`` for ``pytorch_lightning``;
+* ``lightning_collab.LightningCollaborativeStrategy`` (also ``lightning_collab.lightning.CollaborativeStrategy``) for
+  ``lightning.pytorch``.
+
+A namespace that is not installed is not imported; asking for its class raises ImportError with the fix.
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+from collab_core.metrics import METRIC_DESCRIPTIONS
+
+_NAMESPACES = {
+    # exported name: (our module, Lightning namespace, pip package)
+    "CollaborativeStrategy": ("lightning_collab.pl", "pytorch_lightning", "pytorch-lightning"),
+    "LightningCollaborativeStrategy": ("lightning_collab.lightning", "lightning.pytorch", "lightning"),
+}
+
+
+def _installed(namespace: str) -> bool:
+    try:
+        return importlib.util.find_spec(namespace) is not None
+    except ModuleNotFoundError:  # the parent package (``lightning``) is missing
+        return False
+
+
+for _module, _namespace, _package in _NAMESPACES.values():
+    if _installed(_namespace):
+        importlib.import_module(_module)  # defines the class and registers "collaborative"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMESPACES:
+        module, namespace, package = _NAMESPACES[name]
+        if not _installed(namespace):
+            raise ImportError(f"lightning_collab.{name} needs {namespace}: pip install {package}")
+        return importlib.import_module(module).CollaborativeStrategy
+    raise AttributeError(f"module 'lightning_collab' has no attribute {name!r}")
+
+
+__all__ = ["CollaborativeStrategy", "LightningCollaborativeStrategy", "METRIC_DESCRIPTIONS"]

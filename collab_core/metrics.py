@@ -1,0 +1,48 @@
+"""Collaboration metrics with stable names, for the progress bars and loggers of every integration."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hivemind.utils import get_dht_time
+
+#: metric name -> what it means (the README's metrics table lists the same names)
+METRIC_DESCRIPTIONS: dict[str, str] = {
+    "collab/step": "collaborative steps (optimizer updates) this peer has taken",
+    "collab/peers": "peers in the collaboration, this one included (last view)",
+    "collab/samples_accumulated": "samples all peers accumulated toward the next step (last view)",
+    "collab/target_batch_size": "samples the collaboration accumulates per step",
+    "collab/samples_per_second": "the whole collaboration's throughput (samples/s, from the peers' reports)",
+    "collab/eta_seconds": "estimated seconds until the next collaborative step (NaN while unknown)",
+}
+#: throughputs below this (samples/s) are hivemind's placeholder for "not measured yet"
+MIN_REPORTED_RATE = 1e-6
+#: the subset worth a place in a progress bar
+PROGRESS_BAR_METRICS = ("collab/step", "collab/peers", "collab/samples_per_second", "collab/eta_seconds")
+
+
+def collaboration_metrics(optimizer: Any) -> dict[str, float]:
+    """The metrics of :data:`METRIC_DESCRIPTIONS` for a ``CollaborativeOptimizer`` (no network access).
+
+    Args:
+        optimizer: a ``collab_core.CollaborativeOptimizer`` (running or shut down).
+
+    Returns:
+        ``{name: value}`` with every name of :data:`METRIC_DESCRIPTIONS`.
+    """
+    state = optimizer.collaboration_state
+    # hivemind reports a tiny epsilon rate (and an absurd ETA) until the first speed measurements arrive
+    rate = state.samples_per_second if state.samples_per_second >= MIN_REPORTED_RATE else 0.0
+    eta = state.eta_next_step - get_dht_time() if rate > 0 else math.inf
+    return {
+        "collab/step": float(state.optimizer_step),
+        "collab/peers": float(state.num_peers),
+        "collab/samples_accumulated": float(state.samples_accumulated),
+        "collab/target_batch_size": float(state.target_batch_size),
+        "collab/samples_per_second": float(rate),
+        "collab/eta_seconds": max(0.0, eta) if math.isfinite(eta) else math.nan,
+    }
+
+
+__all__ = ["METRIC_DESCRIPTIONS", "PROGRESS_BAR_METRICS", "collaboration_metrics"]

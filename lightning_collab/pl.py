@@ -1,0 +1,34 @@
+"""``CollaborativeStrategy`` for the ``pytorch_lightning`` namespace, registered there as ``"collaborative"``."""
+
+from __future__ import annotations
+
+from lightning_collab.strategy import (
+    STRATEGY_DESCRIPTION,
+    STRATEGY_NAME,
+    CollaborativeStrategyMixin,
+    LightningNamespace,
+)
+
+NAMESPACE = LightningNamespace.load("pytorch_lightning")
+
+
+class CollaborativeStrategy(CollaborativeStrategyMixin, NAMESPACE.SingleDeviceStrategy):  # type: ignore[misc,name-defined]
+    """Collaborative training for ``pytorch_lightning.Trainer``: ``Trainer(strategy="collaborative")``.
+
+    This peer trains on one device; all peers of the run accumulate ``target_batch_size`` samples together, average
+    their gradients and take the same optimizer step (see ``collab_core.CollaborativeOptimizer``). The arguments are
+    documented on ``__init__``; every one of them can also come from a ``COLLAB_*`` environment variable.
+
+    Attributes:
+        settings: the resolved ``collab_core.CollaborativeSettings``.
+        collaborative_optimizer: the ``CollaborativeOptimizer`` while/after fitting, else None.
+        join_hint: the environment another peer needs to join this run (printed when fitting starts).
+    """
+
+    _lightning = NAMESPACE
+
+
+if STRATEGY_NAME not in NAMESPACE.StrategyRegistry:
+    NAMESPACE.StrategyRegistry.register(STRATEGY_NAME, CollaborativeStrategy, description=STRATEGY_DESCRIPTION)
+
+__all__ = ["CollaborativeStrategy"]

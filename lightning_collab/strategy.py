@@ -1,0 +1,410 @@
+"""The collaborative Lightning strategy, written once for both Lightning namespaces.
+
+``pytorch_lightning`` and ``lightning.pytorch`` ship separate ``Strategy`` classes and registries (a strategy built on
+one fails ``isinstance`` checks in the other), so the package defines one concrete class per namespace
+(:mod:`lightning_collab.pl`, :mod:`lightning_collab.lightning`). Both are this mixin on top of that namespace's
+``SingleDeviceStrategy``; the few namespace-specific objects the mixin needs come from :class:`LightningNamespace`.
+
+The strategy only translates Lightning's configuration and hooks; every collaborative decision is made by
+``collab_core.CollaborativeOptimizer``:
+
+* ``setup`` (when fitting) starts the DHT, wraps the model's optimizer and scheduler in a ``CollaborativeOptimizer``
+  and prints the join hint; ``teardown`` leaves the collaboration and stops the DHT. Constructing the strategy only
+  resolves and validates the settings (explicit arguments > ``COLLAB_*`` variables > defaults).
+* ``on_train_batch_start`` counts the samples of every training batch; ``optimizer_step`` reports them (all batches
+  since the last optimizer step, so ``accumulate_grad_batches`` is accounted for) and logs the metrics.
+* Lightning still "steps" the scheduler, but what it holds is a stand-in whose ``step`` does nothing: the
+  collaborative optimizer steps the real scheduler once per collaborative step.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, ClassVar
+
+import torch
+from typing_extensions import override
+
+from collab_core import CollaborativeAdaptiveOptimizer, CollaborativeOptimizer, CollaborativeSettings, start_dht
+from collab_core.log import get_logger
+from collab_core.metrics import PROGRESS_BAR_METRICS, collaboration_metrics
+
+logger = get_logger(__name__)
+
+STRATEGY_NAME = "collaborative"
+STRATEGY_DESCRIPTION = "Collaborative training over the internet with hivemind (collab-training)"
+
+
+@dataclass(frozen=True)
+class LightningNamespace:
+    """The objects of one Lightning namespace (``pytorch_lightning`` or ``lightning.pytorch``) the strategy uses."""
+
+    name: str
+    SingleDeviceStrategy: type
+    StrategyRegistry: Any
+    MisconfigurationException: type[Exception]
+    MixedPrecision: type
+    TrainerFn: Any
+    extract_batch_size: Callable[[Any], int]
+
+    @classmethod
+    def load(cls, name: str) -> LightningNamespace:
+        """Import the pieces of namespace ``name`` (raises ImportError when it is not installed)."""
+
+        def module(path: str) -> ModuleType:
+            return importlib.import_module(f"{name}.{path}")
+
+        strategies = module("strategies")
+        return cls(
+            name=name,
+            SingleDeviceStrategy=strategies.SingleDeviceStrategy,
+            StrategyRegistry=strategies.StrategyRegistry,
+            MisconfigurationException=module("utilities.exceptions").MisconfigurationException,
+            MixedPrecision=module("plugins.precision").MixedPrecision,
+            TrainerFn=module("trainer.states").TrainerFn,
+            extract_batch_size=module("utilities.data").extract_batch_size,
+        )
+
+
+class _SchedulerDrivenByCollaboration:
+    """Stands in for the user's scheduler in Lightning's scheduler configs.
+
+    Lightning calls ``step()`` after every optimizer step or epoch; here that does nothing, because the collaborative
+    optimizer steps the real scheduler once per collaborative step (identically on every peer). Everything else
+    (``state_dict`` for checkpoints, ``get_last_lr`` and ``optimizer`` for ``LearningRateMonitor``) is the real one's.
+    """
+
+    def __init__(self, scheduler: Any):
+        self.scheduler = scheduler
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        """No-op: the collaborative optimizer steps the scheduler."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state_dict)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.scheduler, name)
+
+
+def _keep_accumulated_gradients() -> None:
+    """Replaces ``LightningModule.on_validation_model_zero_grad`` while gradient buffers are reused (see setup)."""
+
+
+class CollaborativeStrategyMixin:
+    """Lightning strategy logic shared by both namespaces; use ``lightning_collab.CollaborativeStrategy`` (for
+    ``pytorch_lightning``) or ``lightning_collab.LightningCollaborativeStrategy`` (for ``lightning.pytorch``)."""
+
+    strategy_name = STRATEGY_NAME
+    _lightning: ClassVar[LightningNamespace]
+
+    def __init__(
+        self,
+        target_batch_size: int | None = None,
+        run_id: str | None = None,
+        batch_size: int | None = None,
+        initial_peers: list[str] | None = None,
+        host_maddrs: list[str] | None = None,
+        announce_maddrs: list[str] | None = None,
+        client_mode: bool | None = None,
+        identity_path: str | None = None,
+        use_ipfs: bool | None = None,
+        averaging_timeout: float | None = None,
+        matchmaking_time: float | None = None,
+        min_refresh_period: float | None = None,
+        max_refresh_period: float | None = None,
+        default_refresh_period: float | None = None,
+        metadata_expiration: float | None = None,
+        step_tolerance: int | None = None,
+        reuse_grad_buffers: bool | None = None,
+        accumulate_grads_on: str | None = None,
+        average_opt_statistics: list[str] | None = None,
+        compression: str | None = None,
+        verbose: bool | None = None,
+        device: str | None = None,
+    ) -> None:
+        """Train as one peer of a collaboration. Arguments left at ``None`` come from the ``COLLAB_*`` environment
+        variable of the same name (e.g. ``COLLAB_INITIAL_PEERS``), else from the default shown.
+
+        Args:
+            target_batch_size: Samples all peers accumulate together before each optimizer step (default 4096).
+            run_id: Name of the run, shared by all its peers; letters, digits, ``_`` and ``-`` (default "collab").
+            batch_size: Samples per training batch of this peer (default: inferred from each batch).
+            initial_peers: Multiaddrs (with ``/p2p/<peer id>``) of running peers to join; empty starts a new run.
+            host_maddrs: Multiaddrs to listen on (default ``["/ip4/0.0.0.0/tcp/0"]``).
+            announce_maddrs: Public multiaddrs announced to other peers, e.g. behind NAT (default: none).
+            client_mode: Accept no incoming connections (behind a firewall/NAT); DHT and averaging both run as a
+                client, and the peer still contributes its gradients (default False).
+            identity_path: Private key file that keeps this peer's id stable across restarts (default: none).
+            use_ipfs: Find peers through the public IPFS network (default False).
+            averaging_timeout: Seconds after which an unfinished averaging round is abandoned (default 30).
+            matchmaking_time: Seconds a forming averaging group waits for expected peers (default 5).
+            min_refresh_period: Shortest interval between reads of the collaboration's progress (s, default 0.5).
+            max_refresh_period: Longest interval between reads of the collaboration's progress (s, default 30).
+            default_refresh_period: Read interval while no other peer is seen (s, default 3).
+            metadata_expiration: Seconds this peer's progress record lives in the DHT unless refreshed (default 60).
+            step_tolerance: Steps a peer may lag behind before it downloads the state from peers (default 1).
+            reuse_grad_buffers: Accumulate gradients in ``param.grad`` to save memory (default False); the strategy
+                keeps Lightning from zeroing them mid-accumulation.
+            accumulate_grads_on: Device that holds the accumulated gradients, e.g. "cpu" (default: the model's).
+            average_opt_statistics: Optimizer state entries to average with the parameters (e.g. ``exp_avg_sq``);
+                non-empty selects ``CollaborativeAdaptiveOptimizer`` (default: average gradients).
+            compression: Compression of the averaged tensors: none, float16, scaled-float16, uniform8bit,
+                quantile8bit (default none).
+            verbose: Log collaboration progress at INFO level (default False).
+            device: Torch device of this peer (default: the Trainer's ``accelerator``/``devices``).
+
+        Raises:
+            collab_core.CollaborativeConfigError: (a ``ValueError``) for an invalid value; the message names the
+                setting, where it came from (argument or environment variable) and the fix.
+        """
+        explicit = dict(
+            target_batch_size=target_batch_size,
+            run_id=run_id,
+            batch_size=batch_size,
+            initial_peers=initial_peers,
+            host_maddrs=host_maddrs,
+            announce_maddrs=announce_maddrs,
+            client_mode=client_mode,
+            identity_path=identity_path,
+            use_ipfs=use_ipfs,
+            averaging_timeout=averaging_timeout,
+            matchmaking_time=matchmaking_time,
+            min_refresh_period=min_refresh_period,
+            max_refresh_period=max_refresh_period,
+            default_refresh_period=default_refresh_period,
+            metadata_expiration=metadata_expiration,
+            step_tolerance=step_tolerance,
+            reuse_grad_buffers=reuse_grad_buffers,
+            accumulate_grads_on=accumulate_grads_on,
+            average_opt_statistics=average_opt_statistics,
+            compression=compression,
+            verbose=verbose,
+        )
+        #: the resolved, validated settings of this peer
+        self.settings = CollaborativeSettings.resolve(**explicit)
+        super().__init__(device=device or "cpu")  # type: ignore[call-arg]  # SingleDeviceStrategy, next in the MRO
+        self._device_given = device is not None
+        self.dht: Any = None
+        self.join_hint: str | None = None
+        self.collaborative_optimizer: CollaborativeOptimizer | None = None
+        self._grad_scaler: Any = None
+        self._pending_samples = 0
+        self._patched_module: Any = None
+
+    # ------------------------------------------------------------------ what users read
+
+    @property
+    def collaborative_step(self) -> int:
+        """Collaborative steps (real optimizer updates) this peer has taken; 0 before ``fit``."""
+        return self.collaborative_optimizer.local_step if self.collaborative_optimizer is not None else 0
+
+    @property
+    def num_peers(self) -> int:
+        """Peers in the collaboration, this one included (last view); 0 before ``fit``."""
+        if self.collaborative_optimizer is None:
+            return 0
+        return self.collaborative_optimizer.collaboration_state.num_peers
+
+    # ------------------------------------------------------------------ devices
+
+    @property
+    def parallel_devices(self) -> list[torch.device]:
+        """This peer's one device (Lightning's accelerator connector fills it from ``accelerator``/``devices``)."""
+        return [self.root_device]
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        if not devices:
+            return
+        if len(devices) > 1:
+            raise self._lightning.MisconfigurationException(
+                f"strategy='collaborative' trains on one device per peer, but the Trainer was given {len(devices)} "
+                "devices. Set Trainer(devices=1); to use several GPUs of one machine, start one peer per GPU."
+            )
+        if not self._device_given:
+            self._root_device = devices[0]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @override
+    def setup(self, trainer: Any) -> None:
+        fitting = trainer.state.fn == self._lightning.TrainerFn.FITTING
+        if fitting:
+            self._check_trainer(trainer)
+        super().setup(trainer)  # type: ignore[misc]  # builds the optimizers and schedulers
+        if fitting:
+            self._join_collaboration(trainer)
+
+    @override
+    def teardown(self) -> None:
+        self._leave_collaboration()
+        super().teardown()  # type: ignore[misc]
+
+    def _join_collaboration(self, trainer: Any) -> None:
+        optimizer = self._single_optimizer()
+        scheduler = self._single_scheduler()
+        self._grad_scaler = self._fp16_scaler(trainer)
+        settings = self.settings
+        self.dht, self.join_hint = start_dht(settings, print_hint=False)
+        try:
+            kwargs: dict[str, Any] = dict(settings.optimizer_kwargs(), dht=self.dht, scheduler=scheduler)
+            if self._grad_scaler is not None:
+                kwargs["grad_scaler"] = self._grad_scaler
+            if settings.average_opt_statistics:
+                collaborative: CollaborativeOptimizer = CollaborativeAdaptiveOptimizer(
+                    optimizer, average_opt_statistics=settings.average_opt_statistics, **kwargs
+                )
+            else:
+                collaborative = CollaborativeOptimizer(optimizer, **kwargs)
+        except BaseException:
+            self.dht.shutdown()
+            self.dht = None
+            raise
+        self.collaborative_optimizer = collaborative
+        self.optimizers = [collaborative]
+        for config in self.lr_scheduler_configs:
+            config.scheduler = _SchedulerDrivenByCollaboration(config.scheduler)
+        if settings.reuse_grad_buffers:
+            # Lightning's default on_validation_model_zero_grad sets every .grad to None before an in-epoch
+            # validation, wiping gradients whose samples are already counted; the accumulator clears them itself.
+            self._patched_module = self.lightning_module
+            self._patched_module.on_validation_model_zero_grad = _keep_accumulated_gradients
+        self._pending_samples = 0
+        banner = "=" * 78
+        print(f"{banner}\n[collaborative] run {settings.run_id!r}: {self.join_hint}\n{banner}", flush=True)
+
+    def _leave_collaboration(self) -> None:
+        if self._patched_module is not None:
+            vars(self._patched_module).pop("on_validation_model_zero_grad", None)
+            self._patched_module = None
+        if self.collaborative_optimizer is not None:
+            self.collaborative_optimizer.shutdown()  # its state_dict still works: save_checkpoint after fit
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+
+    # ------------------------------------------------------------------ training hooks
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
+        self._pending_samples += self._samples_in(batch)
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        collaborative = self.collaborative_optimizer
+        inner = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer in manual optimization
+        if collaborative is None or inner is not collaborative:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)  # type: ignore[misc]
+        samples, self._pending_samples = self._pending_samples, 0
+        if samples <= 0:
+            raise self._lightning.MisconfigurationException(
+                "strategy='collaborative': optimizer.step() was called twice for the same training batch. With "
+                "manual optimization, call opt.step() at most once per training batch (after manual_backward)."
+            )
+        model = model or self.lightning_module
+        if self._grad_scaler is None:
+            output = self.precision_plugin.optimizer_step(  # type: ignore[attr-defined]
+                collaborative, model=model, closure=closure, batch_size=samples, **kwargs
+            )
+        else:
+            # fp16: Lightning's MixedPrecision would unscale, check and update the scale at every call, i.e. per
+            # micro-batch; the collaborative optimizer does all three once per collaborative step.
+            output = closure()
+            self.precision_plugin._after_closure(model, collaborative)  # type: ignore[attr-defined]  # hooks
+            collaborative.step(batch_size=samples)
+        self._log_metrics()
+        return output
+
+    def _log_metrics(self) -> None:
+        module = self.lightning_module  # type: ignore[attr-defined]
+        if module is None or self.collaborative_optimizer is None:
+            return
+        for name, value in collaboration_metrics(self.collaborative_optimizer).items():
+            module.log(name, value, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR_METRICS, batch_size=1)
+
+    def _samples_in(self, batch: Any) -> int:
+        if self.settings.batch_size is not None:
+            return self.settings.batch_size
+        try:
+            return int(self._lightning.extract_batch_size(batch))
+        except Exception as e:
+            raise self._lightning.MisconfigurationException(
+                "strategy='collaborative' could not infer the number of samples in a training batch "
+                f"({e}). Set it explicitly: CollaborativeStrategy(batch_size=...) or COLLAB_BATCH_SIZE."
+            ) from e
+
+    # ------------------------------------------------------------------ validation of the configuration
+
+    def _check_trainer(self, trainer: Any) -> None:
+        exception = self._lightning.MisconfigurationException
+        clip = trainer.gradient_clip_val
+        if clip and self.settings.reuse_grad_buffers:
+            raise exception(
+                "gradient_clip_val cannot be combined with reuse_grad_buffers=True: param.grad then holds the sum of "
+                "all micro-batches of the collaborative step, and clipping it at every optimizer step would clip the "
+                "accumulation. Remove gradient_clip_val or set reuse_grad_buffers=False."
+            )
+        if clip and self._fp16_scaler(trainer) is not None:
+            raise exception(
+                "gradient_clip_val cannot be combined with precision='16-mixed' under strategy='collaborative': the "
+                "gradients stay scaled until the collaborative step. Use precision='bf16-mixed' or remove clipping."
+            )
+        plugin = self.precision_plugin  # type: ignore[attr-defined]
+        device = getattr(plugin, "device", None)
+        if isinstance(plugin, self._lightning.MixedPrecision) and device is not None:
+            if torch.device(device).type != self.root_device.type:  # type: ignore[attr-defined]
+                raise exception(
+                    f"The precision plugin runs on {device!r}, but this peer trains on {self.root_device} "  # type: ignore[attr-defined]
+                    f"(a GPU-only setting on a CPU machine?). Use MixedPrecision(..., device="
+                    f"'{self.root_device.type}') or precision='bf16-mixed'."  # type: ignore[attr-defined]
+                )
+        accumulate_on = self.settings.accumulate_grads_on
+        if accumulate_on is not None and torch.device(accumulate_on).type == "cuda" and not torch.cuda.is_available():
+            raise exception(
+                f"accumulate_grads_on={accumulate_on!r}, but CUDA is not available on this machine; set "
+                "accumulate_grads_on='cpu' or leave it unset."
+            )
+
+    def _single_optimizer(self) -> torch.optim.Optimizer:
+        optimizers = self.optimizers  # type: ignore[attr-defined]
+        if len(optimizers) != 1:
+            raise self._lightning.MisconfigurationException(
+                f"strategy='collaborative' supports exactly one optimizer, but configure_optimizers returned "
+                f"{len(optimizers)}. Return a single optimizer (put several parameter groups in it if needed)."
+            )
+        return optimizers[0]
+
+    def _single_scheduler(self) -> Any:
+        configs = self.lr_scheduler_configs  # type: ignore[attr-defined]
+        if len(configs) > 1:
+            raise self._lightning.MisconfigurationException(
+                f"strategy='collaborative' supports at most one learning-rate scheduler, got {len(configs)}. "
+                "Combine them, e.g. with torch.optim.lr_scheduler.SequentialLR or ChainedScheduler."
+            )
+        if not configs:
+            return None
+        config = configs[0]
+        if config.reduce_on_plateau or isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise self._lightning.MisconfigurationException(
+                "ReduceLROnPlateau is not supported by strategy='collaborative': it steps on a locally monitored "
+                "metric, so peers would change their learning rates at different times. Use a scheduler driven "
+                "by the step count (e.g. LambdaLR, CosineAnnealingLR, OneCycleLR)."
+            )
+        return config.scheduler
+
+    def _fp16_scaler(self, trainer: Any) -> Any:
+        plugin = trainer.precision_plugin
+        if isinstance(plugin, self._lightning.MixedPrecision):
+            return plugin.scaler
+        return None
+
+
+__all__ = ["CollaborativeStrategyMixin", "LightningNamespace", "STRATEGY_NAME"]
