@@ -508,6 +508,35 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             return
         self.opt.zero_grad(set_to_none=set_to_none)
 
+    def wait_for_peers(self, num_peers: int, timeout: float) -> int:
+        """Block until the collaboration has at least ``num_peers`` peers (this one included), e.g. before training.
+
+        Args:
+            num_peers: how many peers to wait for.
+            timeout: give up after this many seconds.
+
+        Returns:
+            The number of peers seen.
+
+        Raises:
+            TimeoutError: if fewer peers were seen when ``timeout`` ran out (the message says how many).
+        """
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            try:
+                seen = self.tracker.fetch_now(timeout=self.request_timeout).num_peers
+            except Exception as e:  # the DHT did not answer this time: try again until the deadline
+                logger.debug(f"{self.prefix}: could not read the collaboration's progress: {e!r}")
+            if seen >= num_peers:
+                return seen
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{self.prefix}: waited {timeout:.0f}s for {num_peers} peers, saw {seen}; start the other peers "
+                    "with this peer's join hint (COLLAB_INITIAL_PEERS), or wait for fewer peers"
+                )
+            time.sleep(ROUND_POLL_INTERVAL)
+
     def load_state_from_peers(self, **kwargs: Any) -> bool:
         """Download parameters, optimizer state, scheduler state and step counter from another peer.
 
@@ -653,17 +682,23 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         return present
 
     def _expected_in_round(self, view: CollaborationView, step: int) -> list[PeerRecord]:
-        """Peers to wait for in this step's group: this one, its round mates, peers with samples at ``step``, and
-        peers that arrived at ``step`` (by a state download) after this peer did.
+        """Peers to wait for in this step's group: this one, its round mates, peers with samples at ``step``, peers
+        that arrived at ``step`` (by a state download) after this peer did, and, for the collaboration's very first
+        step, every peer present.
 
-        Other peers without samples (idle, or still starting up before the first step) are not waited for: if they
-        train, their samples show up in time for a later step.
+        Other peers without samples (idle, or in the middle of a state download) are not waited for: if they train,
+        their samples show up in time for a later step. The first step is the exception, because peers that start
+        together would otherwise race: the fastest one steps alone before the others report samples, and its solo
+        step is one the others must download. Waiting costs at most one matchmaking window for a peer that never
+        comes (it is then marked absent).
         """
         arrived_after = self._reached_step_at
+        first_step = step == 0 and view.epoch == 0
         return [
             peer
             for peer in self._present_peers(view, step)
             if peer.peer_id == view.local_peer_id
+            or first_step
             or peer.samples > 0
             or peer.peer_id in self._round_mates
             or (arrived_after is not None and peer.time > arrived_after)

@@ -1,4 +1,4 @@
-"""``CollaborativeStrategy`` for ``lightning.pytorch`` (the ``lightning`` package), registered as ``"collaborative"``."""
+"""``CollaborativeStrategy`` for ``lightning.pytorch`` (package ``lightning``), registered as ``"collaborative"``."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from typing_extensions import override
@@ -31,6 +31,11 @@ from typing_extensions import override
 from collab_core import CollaborativeAdaptiveOptimizer, CollaborativeOptimizer, CollaborativeSettings, start_dht
 from collab_core.log import get_logger
 from collab_core.metrics import PROGRESS_BAR_METRICS, collaboration_metrics
+
+if TYPE_CHECKING:  # for type checkers the mixin is a strategy (both namespaces' strategies have the same API)
+    from pytorch_lightning.strategies import SingleDeviceStrategy as _TypedStrategyBase
+else:
+    _TypedStrategyBase = object
 
 logger = get_logger(__name__)
 
@@ -97,7 +102,7 @@ def _keep_accumulated_gradients() -> None:
     """Replaces ``LightningModule.on_validation_model_zero_grad`` while gradient buffers are reused (see setup)."""
 
 
-class CollaborativeStrategyMixin:
+class CollaborativeStrategyMixin(_TypedStrategyBase):
     """Lightning strategy logic shared by both namespaces; use ``lightning_collab.CollaborativeStrategy`` (for
     ``pytorch_lightning``) or ``lightning_collab.LightningCollaborativeStrategy`` (for ``lightning.pytorch``)."""
 
@@ -164,7 +169,7 @@ class CollaborativeStrategyMixin:
             collab_core.CollaborativeConfigError: (a ``ValueError``) for an invalid value; the message names the
                 setting, where it came from (argument or environment variable) and the fix.
         """
-        explicit = dict(
+        explicit: dict[str, Any] = dict(
             target_batch_size=target_batch_size,
             run_id=run_id,
             batch_size=batch_size,
@@ -189,8 +194,8 @@ class CollaborativeStrategyMixin:
         )
         #: the resolved, validated settings of this peer
         self.settings = CollaborativeSettings.resolve(**explicit)
-        super().__init__(device=device or "cpu")  # type: ignore[call-arg]  # SingleDeviceStrategy, next in the MRO
-        self._device_given = device is not None
+        super().__init__(device=device or "cpu")  # SingleDeviceStrategy, next in the MRO
+        self._device_given = self._device_known = device is not None
         self.dht: Any = None
         self.join_hint: str | None = None
         self.collaborative_optimizer: CollaborativeOptimizer | None = None
@@ -212,12 +217,20 @@ class CollaborativeStrategyMixin:
             return 0
         return self.collaborative_optimizer.collaboration_state.num_peers
 
+    def wait_for_peers(self, num_peers: int, timeout: float = 300.0) -> int:
+        """Block until the collaboration has ``num_peers`` peers (this one included); call it once fitting started,
+        e.g. from ``on_train_start``. Returns the number seen; raises ``TimeoutError`` after ``timeout`` seconds."""
+        if self.collaborative_optimizer is None:
+            raise RuntimeError("wait_for_peers() works while fitting: call it from on_train_start or later")
+        return self.collaborative_optimizer.wait_for_peers(num_peers, timeout)
+
     # ------------------------------------------------------------------ devices
 
     @property
     def parallel_devices(self) -> list[torch.device]:
-        """This peer's one device (Lightning's accelerator connector fills it from ``accelerator``/``devices``)."""
-        return [self.root_device]
+        """This peer's one device. Empty until known: Lightning's accelerator connector then sets it from the
+        Trainer's ``accelerator``/``devices`` (a device given to ``__init__`` is known from the start)."""
+        return [self.root_device] if self._device_known else []
 
     @parallel_devices.setter
     def parallel_devices(self, devices: list[torch.device] | None) -> None:
@@ -230,6 +243,7 @@ class CollaborativeStrategyMixin:
             )
         if not self._device_given:
             self._root_device = devices[0]
+        self._device_known = True
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -238,14 +252,14 @@ class CollaborativeStrategyMixin:
         fitting = trainer.state.fn == self._lightning.TrainerFn.FITTING
         if fitting:
             self._check_trainer(trainer)
-        super().setup(trainer)  # type: ignore[misc]  # builds the optimizers and schedulers
+        super().setup(trainer)  # builds the optimizers and schedulers
         if fitting:
             self._join_collaboration(trainer)
 
     @override
     def teardown(self) -> None:
         self._leave_collaboration()
-        super().teardown()  # type: ignore[misc]
+        super().teardown()
 
     def _join_collaboration(self, trainer: Any) -> None:
         optimizer = self._single_optimizer()
@@ -270,7 +284,7 @@ class CollaborativeStrategyMixin:
         self.collaborative_optimizer = collaborative
         self.optimizers = [collaborative]
         for config in self.lr_scheduler_configs:
-            config.scheduler = _SchedulerDrivenByCollaboration(config.scheduler)
+            config.scheduler = _SchedulerDrivenByCollaboration(config.scheduler)  # type: ignore[assignment]
         if settings.reuse_grad_buffers:
             # Lightning's default on_validation_model_zero_grad sets every .grad to None before an in-epoch
             # validation, wiping gradients whose samples are already counted; the accumulator clears them itself.
@@ -294,7 +308,7 @@ class CollaborativeStrategyMixin:
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
+        super().on_train_batch_start(batch, batch_idx)
         self._pending_samples += self._samples_in(batch)
 
     @override
@@ -302,7 +316,7 @@ class CollaborativeStrategyMixin:
         collaborative = self.collaborative_optimizer
         inner = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer in manual optimization
         if collaborative is None or inner is not collaborative:
-            return super().optimizer_step(optimizer, closure, model, **kwargs)  # type: ignore[misc]
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
         samples, self._pending_samples = self._pending_samples, 0
         if samples <= 0:
             raise self._lightning.MisconfigurationException(
@@ -311,20 +325,25 @@ class CollaborativeStrategyMixin:
             )
         model = model or self.lightning_module
         if self._grad_scaler is None:
-            output = self.precision_plugin.optimizer_step(  # type: ignore[attr-defined]
-                collaborative, model=model, closure=closure, batch_size=samples, **kwargs
+            output = self.precision_plugin.optimizer_step(
+                collaborative,  # type: ignore[arg-type]  # it is a torch Optimizer; its step takes batch_size first
+                model=model,
+                closure=closure,
+                batch_size=samples,
+                **kwargs,
             )
         else:
             # fp16: Lightning's MixedPrecision would unscale, check and update the scale at every call, i.e. per
             # micro-batch; the collaborative optimizer does all three once per collaborative step.
             output = closure()
-            self.precision_plugin._after_closure(model, collaborative)  # type: ignore[attr-defined]  # hooks
+            # Lightning's on_before_optimizer_step hooks (a protected Precision method; clipping is refused with fp16)
+            self.precision_plugin._after_closure(model, collaborative)  # type: ignore[arg-type]
             collaborative.step(batch_size=samples)
         self._log_metrics()
         return output
 
     def _log_metrics(self) -> None:
-        module = self.lightning_module  # type: ignore[attr-defined]
+        module = self.lightning_module
         if module is None or self.collaborative_optimizer is None:
             return
         for name, value in collaboration_metrics(self.collaborative_optimizer).items():
@@ -357,14 +376,14 @@ class CollaborativeStrategyMixin:
                 "gradient_clip_val cannot be combined with precision='16-mixed' under strategy='collaborative': the "
                 "gradients stay scaled until the collaborative step. Use precision='bf16-mixed' or remove clipping."
             )
-        plugin = self.precision_plugin  # type: ignore[attr-defined]
+        plugin = self.precision_plugin
         device = getattr(plugin, "device", None)
         if isinstance(plugin, self._lightning.MixedPrecision) and device is not None:
-            if torch.device(device).type != self.root_device.type:  # type: ignore[attr-defined]
+            if torch.device(device).type != self.root_device.type:
                 raise exception(
-                    f"The precision plugin runs on {device!r}, but this peer trains on {self.root_device} "  # type: ignore[attr-defined]
+                    f"The precision plugin runs on {device!r}, but this peer trains on {self.root_device} "
                     f"(a GPU-only setting on a CPU machine?). Use MixedPrecision(..., device="
-                    f"'{self.root_device.type}') or precision='bf16-mixed'."  # type: ignore[attr-defined]
+                    f"'{self.root_device.type}') or precision='bf16-mixed'."
                 )
         accumulate_on = self.settings.accumulate_grads_on
         if accumulate_on is not None and torch.device(accumulate_on).type == "cuda" and not torch.cuda.is_available():
@@ -374,7 +393,7 @@ class CollaborativeStrategyMixin:
             )
 
     def _single_optimizer(self) -> torch.optim.Optimizer:
-        optimizers = self.optimizers  # type: ignore[attr-defined]
+        optimizers = self.optimizers
         if len(optimizers) != 1:
             raise self._lightning.MisconfigurationException(
                 f"strategy='collaborative' supports exactly one optimizer, but configure_optimizers returned "
@@ -383,7 +402,7 @@ class CollaborativeStrategyMixin:
         return optimizers[0]
 
     def _single_scheduler(self) -> Any:
-        configs = self.lr_scheduler_configs  # type: ignore[attr-defined]
+        configs = self.lr_scheduler_configs
         if len(configs) > 1:
             raise self._lightning.MisconfigurationException(
                 f"strategy='collaborative' supports at most one learning-rate scheduler, got {len(configs)}. "
@@ -403,7 +422,7 @@ class CollaborativeStrategyMixin:
     def _fp16_scaler(self, trainer: Any) -> Any:
         plugin = trainer.precision_plugin
         if isinstance(plugin, self._lightning.MixedPrecision):
-            return plugin.scaler
+            return getattr(plugin, "scaler", None)
         return None
 
 

@@ -15,3 +15,11 @@ def test_readme_settings_table_matches_schema():
         "README settings table is out of date: paste the output of "
         "`python -c 'from collab_core.settings import settings_table_markdown as t; print(t())'`"
     )
+
+
+def test_readme_metrics_table_lists_every_metric():
+    from collab_core.metrics import METRIC_DESCRIPTIONS
+
+    text = README.read_text()
+    for name, description in METRIC_DESCRIPTIONS.items():
+        assert f"| `{name}` | {description}" in text, f"README metrics table lacks {name}"

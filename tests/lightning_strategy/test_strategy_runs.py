@@ -277,8 +277,21 @@ def test_fp16_overflow_is_skipped_by_every_peer_once_per_collaborative_step(prec
 @pytest.fixture(scope="module")
 def lifecycle_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lifecycle")
-    args = ["--steps", "3", "--batch-size", "16", "--fit-twice", "--evaluate"]
-    return run_lightning_peers(workdir, "lifecycle", [("solo", args, {})], target_batch_size=64)["solo"]
+    args = ["--steps", "3", "--batch-size", "8", "--accumulate", "2", "--fit-twice", "--evaluate", "--csv-dir",
+            str(workdir)]  # fmt: skip
+    result = run_lightning_peers(workdir, "lifecycle", [("solo", args, {})], target_batch_size=64)["solo"]
+    result["csv"] = list(csv.DictReader(open(next(workdir.glob("run/version_*/metrics.csv")))))
+    return result
+
+
+@pytest.mark.slow
+def test_each_optimizer_step_reports_batch_times_accumulation(lifecycle_run):
+    # batch 8 x accumulate_grad_batches 2: every optimizer step adds 16 samples; the 4th reaches the target (64)
+    rows = [row for row in lifecycle_run["csv"] if row.get("collab/samples_accumulated")]
+    samples = [float(row["collab/samples_accumulated"]) for row in rows[:8]]
+    steps = [float(row["collab/step"]) for row in rows[:8]]
+    assert samples == [16, 32, 48, 0, 16, 32, 48, 0]
+    assert steps == [0, 0, 0, 1, 1, 1, 1, 2]
 
 
 @pytest.mark.slow
@@ -306,3 +319,18 @@ def test_one_trainer_fits_twice_then_validates_tests_and_predicts(lifecycle_run)
     evaluation = lifecycle_run["evaluation"]
     assert "val_loss" in evaluation["validate"][0] and "test_loss" in evaluation["test"][0]
     assert len(evaluation["predict"]) == 64
+
+
+# ----------------------------------------------------------------------------------------- manual optimization
+
+
+@pytest.mark.slow
+def test_manual_optimization_documented_pattern_trains_and_double_step_is_refused(tmp_path):
+    ok = ["--manual", "--steps", "2", "--batch-size", "16"]
+    with bootstrap_dht() as dht, PeerSet(tmp_path, collab_env(dht, "manual", target_batch_size=64)) as peers:
+        good = peers.start("manual_ok", ok, {"COLLAB_RUN_ID": "manual_ok"}, script=LIGHTNING_PEER)
+        bad = peers.start("manual_double", [*ok, "--manual-double-step"], {"COLLAB_RUN_ID": "bad"}, LIGHTNING_PEER)
+        peers.wait([good])
+        assert bad.process.wait(TIMEOUT) != 0
+        assert good.result()["collaborative_step"] == 2
+        assert "at most once per training batch" in bad.log_text()

@@ -1,0 +1,74 @@
+"""examples/lightning: the README's "Train with Lightning" flow, run for real with two LightningCLI peers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from peer_processes import LOOPBACK, REPO_ROOT, PeerSet, stop_process_group
+
+TRAIN = REPO_ROOT / "examples" / "lightning" / "train.py"
+CONFIG = REPO_ROOT / "examples" / "lightning" / "config.yaml"
+LAUNCH = REPO_ROOT / "tests" / "peers" / "run_script.py"
+HINT = re.compile(r'COLLAB_RUN_ID=(\S+) COLLAB_INITIAL_PEERS="([^"]+)"')
+
+
+def _wait_for_hint(peer, timeout: float = 120.0) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = HINT.search(peer.log_text())
+        if match:
+            return {"COLLAB_RUN_ID": match.group(1), "COLLAB_INITIAL_PEERS": match.group(2)}
+        if peer.process.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"the first peer printed no join hint:\n{peer.log_text()[-4000:]}")
+
+
+@pytest.mark.slow
+def test_two_lightning_cli_peers_from_the_yaml_config(tmp_path):
+    common = ["fit", "--config", str(CONFIG), "--model.collaborative_steps", "4", "--model.wait_for_peers", "2",
+              "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+              "--trainer.strategy.init_args.matchmaking_time", "10"]  # fmt: skip
+    with PeerSet(tmp_path, {"COLLAB_HOST_MADDRS": LOOPBACK}) as peers:
+        # PeerSet passes --name/--out first: the CLI script takes them via the launcher below
+        first = peers.start("first", [str(TRAIN), *common, "--output_dir", str(tmp_path / "first")], script=LAUNCH)
+        hint = _wait_for_hint(first)
+        # the second peer: the printed hint, and client mode from the command line (i.e. from the YAML's strategy)
+        second_args = [*common, "--output_dir", str(tmp_path / "second"), "--trainer.strategy.init_args.client_mode",
+                       "true"]  # fmt: skip
+        second = peers.start("second", [str(TRAIN), *second_args], env=hint, script=LAUNCH)
+        peers.wait([first, second], timeout=240)
+        summaries = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("first", "second")}
+        logs = {name: peer.log_text() for name, peer in (("first", first), ("second", second))}
+    assert {s["collaborative_step"] for s in summaries.values()} == {4}
+    a, b = (torch.load(tmp_path / name / "model.pt") for name in ("first", "second"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert "This peer runs in client mode" in logs["second"]
+    assert "averaged step 3 with 2 of 2" in logs["first"]
+
+
+def test_strategy_help_shows_the_docstrings():
+    process = subprocess.Popen(
+        [sys.executable, str(TRAIN), "fit", "--trainer.strategy.help", "lightning_collab.CollaborativeStrategy"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    try:
+        output, _ = process.communicate(timeout=120)
+    finally:
+        stop_process_group(process)
+    assert process.returncode == 0, output
+    assert "--trainer.strategy.target_batch_size" in output
+    assert "Samples all peers accumulate together" in " ".join(output.split())
+    assert "--trainer.strategy.client_mode" in output
