@@ -605,6 +605,8 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             if self.scheduler is not None and state_dict.get("scheduler") is not None:
                 self.scheduler.load_state_dict(state_dict["scheduler"])
             self._set_local_step(int(state_dict["local_step"]))
+        if not self._shutdown_done:
+            self._announce()  # others must see this peer at its restored step, not at the one it was created at
 
     def shutdown(self) -> None:
         """Leave the collaboration: withdraw this peer's progress record and stop the averager. Idempotent."""

@@ -95,6 +95,8 @@ class _SchedulerDrivenByCollaboration:
         self.scheduler.load_state_dict(state_dict)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "scheduler":  # not set yet (e.g. while unpickling): do not recurse
+            raise AttributeError(name)
         return getattr(self.scheduler, name)
 
 

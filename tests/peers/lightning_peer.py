@@ -150,9 +150,12 @@ def build(namespace: str, args: argparse.Namespace):
                 deadline = time.monotonic() + BARRIER_TIMEOUT
                 while time.monotonic() < deadline:
                     view = collab.tracker.fetch_now(timeout=5)
-                    if sum(peer.samples > 0 for peer in view.peers_at(collab.local_step)) >= args.peers:
+                    at_my_step = view.peers_at(collab.local_step)  # a peer resuming elsewhere reports no samples
+                    if len(view.peers) >= args.peers and all(peer.samples > 0 for peer in at_my_step):
                         break
                     time.sleep(0.05)
+                else:
+                    raise TimeoutError("the other peers' first samples never showed up in the DHT")
             self.met_peers = True
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
