@@ -13,6 +13,8 @@ collaborative step needs, each through the averager's own control pipe, like hiv
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,6 +62,20 @@ class CollaborativeAverager(DecentralizedAverager):
     ):
         self._state_provider = state_provider
         super().__init__(averaged_tensors, dht, prefix=prefix, start=True, **kwargs)
+
+    def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
+        """Start the averager process, keeping this process' Ctrl-C handler.
+
+        Workaround (hivemind 1.1.12, ``DecentralizedAverager.run_in_background``): hivemind sets SIGINT to
+        ``SIG_IGN`` in the *calling* process so that the forked averager inherits it, and never restores it; Ctrl-C
+        (and Lightning's graceful shutdown on SIGINT) then did nothing in the training process.
+        """
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            super().run_in_background(await_ready=await_ready, timeout=timeout)
+        finally:
+            if previous is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, previous)
 
     def get_current_state(self) -> tuple[dict[str, Any], Sequence[torch.Tensor], None]:
         """State sent to a peer that calls ``load_state_from_peers`` (runs in this process' background thread)."""

@@ -30,8 +30,9 @@ import math
 import operator
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeoutError
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -263,7 +264,12 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         self._failed_rounds = 0
         self._state_downloads = 0
         self._overflow_steps = 0
+        self._download_backoff = 0.0  # seconds to wait after the last failed automatic download (doubles, capped)
+        self._next_download_at = 0.0  # time.monotonic() before which no automatic download is tried
+        self._max_backoff = float(metadata_expiration)  # by then, records of crashed peers have expired
         self.last_step_overflowed = False  # the last collaborative step was skipped for inf/NaN (fp16) gradients
+        #: what the optimizer is doing, for progress displays: "accumulating", "averaging", "downloading", "stopped"
+        self.activity = "accumulating"
         self._last_round: dict[bytes, dict[str, int]] = {}  # peer id -> {"step", "samples"} of the last step
         self._absent_peers: dict[bytes, float] = {}  # expected in a round but never came: peer id -> record time
         self._round_mates: dict[bytes, float] = {}  # peers of this peer's last step -> when it was taken (DHT time)
@@ -466,7 +472,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             raise ValueError("this CollaborativeOptimizer was shut down; create a new one to keep training")
         self._measure_call_interval()
 
-        if self.tracker.view.epoch - self.local_step > self.step_tolerance:
+        if self.tracker.view.epoch - self.local_step > self.step_tolerance and self._may_download():
             logger.log(self.status_loglevel, f"{self.prefix}: behind the collaboration, downloading its state")
             self._discard_current_gradients()
             self.load_state_from_peers()
@@ -553,18 +559,18 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         if kwargs:
             raise TypeError(f"unexpected argument(s) to load_state_from_peers(): {sorted(kwargs)}")
         try:
-            downloaded = self._averager.load_state_from_peers(timeout=timeout)
+            with self._doing("downloading"):
+                downloaded = self._averager.load_state_from_peers(timeout=timeout)
         except Exception as e:
             logger.warning(f"{self.prefix}: could not download the state from peers: {e!r}")
             downloaded = None
         if downloaded is None:
-            logger.warning(f"{self.prefix}: no peer could provide its state; continuing from the local state")
+            self._download_failed("no peer could provide its state")
             return False
         metadata, tensors = downloaded
         if isinstance(metadata, dict) and isinstance(metadata.get("step"), int) and metadata["step"] < self.local_step:
-            logger.warning(
-                f"{self.prefix}: the only state available is older (step {metadata['step']}) than this peer's "
-                f"(step {self.local_step}); keeping the local state"
+            self._download_failed(
+                f"the only state available is older (step {metadata['step']}) than this peer's (step {self.local_step})"
             )
             return False
         with self._state_lock:  # parameters and step change together for peers downloading from this one
@@ -574,6 +580,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{self.prefix}: the state downloaded from a peer cannot be loaded: {e}") from e
             self._set_local_step(step)
         self._state_downloads += 1
+        self._download_backoff, self._next_download_at = 0.0, 0.0
         # peers last seen one step earlier most likely produced this state and are at `step` too: count them in the
         # next group until their records catch up (as after a step taken together)
         now = self._reached_step_at = get_dht_time()
@@ -581,6 +588,20 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         self._announce()
         logger.log(self.status_loglevel, f"{self.prefix}: downloaded the collaboration's state at step {step}")
         return True
+
+    def _may_download(self) -> bool:
+        """Whether an automatic state download may be tried now (after a failed one, attempts back off)."""
+        return time.monotonic() >= self._next_download_at
+
+    def _download_failed(self, reason: str) -> None:
+        # Without a back-off, a peer whose view shows peers ahead (e.g. records of crashed peers, which live until
+        # they expire) would retry at every step() and discard every micro-batch meanwhile.
+        self._download_backoff = min(max(2 * self._download_backoff, self.matchmaking_time), self._max_backoff)
+        self._next_download_at = time.monotonic() + self._download_backoff
+        logger.warning(
+            f"{self.prefix}: {reason}; continuing from the local state, next automatic download attempt in "
+            f"{self._download_backoff:.0f}s"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """A checkpoint: the wrapped optimizer's and scheduler's state dicts and the collaborative step.
@@ -613,6 +634,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         if self._shutdown_done:
             return
         self._shutdown_done = True
+        self.activity = "stopped"
         try:
             self.tracker.shutdown(timeout=self.request_timeout)
         finally:
@@ -752,13 +774,21 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         # state *after* this step instead of one that is outdated a moment later (it would have to download again).
         # The speed this peer reports counts compute only: time spent in the round would make others underestimate
         # how soon it contributes its next samples.
-        with self._state_lock, self.tracker.performance_ema.pause():
+        with self._state_lock, self.tracker.performance_ema.pause(), self._doing("averaging"):
             self._collaborative_step_locked(view)
+
+    @contextmanager
+    def _doing(self, activity: str) -> Iterator[None]:
+        previous, self.activity = self.activity, activity
+        try:
+            yield
+        finally:
+            self.activity = previous
 
     def _collaborative_step_locked(self, view: CollaborationView) -> None:
         step = self.local_step
         ahead = view.peers_ahead_of(step)
-        if ahead:
+        if ahead and self._may_download():
             logger.log(
                 self.status_loglevel,
                 f"{self.prefix}: {len(ahead)} peer(s) already took step {step}; downloading their state",

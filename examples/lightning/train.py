@@ -9,14 +9,18 @@ Second peer, on this or another machine, with the two variables from the first p
     COLLAB_RUN_ID=digits COLLAB_INITIAL_PEERS="/ip4/.../p2p/..." \\
         python examples/lightning/train.py fit --config examples/lightning/config.yaml
 
-The data is scikit-learn's bundled 8x8 digits set (no download). Each peer shuffles it with its own seed; all peers
-end with the same weights. ``--output_dir DIR`` saves the final model and its validation accuracy.
+The data is scikit-learn's bundled 8x8 digits set (no download). Each peer shuffles it with its own seed (or trains
+on its own shard: ``--data.shard i --data.num_shards n``); all peers end with the same weights. ``--output_dir DIR``
+saves the final model and its validation accuracy; ``--status_file FILE`` keeps a JSON snapshot of this peer's
+progress up to date (``make demo`` reads it for its live view).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -38,7 +42,7 @@ class DigitsClassifier(pl.LightningModule):
         wait_for_peers: Before training, wait until the collaboration has this many peers (this one included).
     """
 
-    def __init__(self, hidden: int = 64, lr: float = 0.1, collaborative_steps: int = 30, wait_for_peers: int = 1):
+    def __init__(self, hidden: int = 64, lr: float = 0.4, collaborative_steps: int = 40, wait_for_peers: int = 1):
         super().__init__()
         self.save_hyperparameters()
         self.net = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
@@ -79,11 +83,15 @@ class DigitsData(pl.LightningDataModule):
     Args:
         batch_size: Samples per training batch of this peer (peers may use different sizes).
         seed: Seed of this peer's shuffling (peers should differ, so they contribute different batches).
+        shard: Which part of the training set this peer trains on (0 <= shard < num_shards).
+        num_shards: Into how many parts the training set is split (1: every peer sees all of it).
     """
 
-    def __init__(self, batch_size: int = 32, seed: int | None = None):
+    def __init__(self, batch_size: int = 32, seed: int | None = None, shard: int = 0, num_shards: int = 1):
         super().__init__()
-        self.batch_size = batch_size
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"data.shard must be in [0, num_shards={num_shards}), got {shard}")
+        self.batch_size, self.shard, self.num_shards = batch_size, shard, num_shards
         self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
 
     def setup(self, stage: str) -> None:
@@ -92,7 +100,8 @@ class DigitsData(pl.LightningDataModule):
         y = torch.tensor(digits.target, dtype=torch.long)
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
         split = int(0.8 * len(x))
-        self.train_set = torch.utils.data.TensorDataset(x[order[:split]], y[order[:split]])
+        train = order[:split][self.shard :: self.num_shards]
+        self.train_set = torch.utils.data.TensorDataset(x[train], y[train])
         self.val_set = torch.utils.data.TensorDataset(x[order[split:]], y[order[split:]])
 
     def train_dataloader(self):
@@ -103,11 +112,84 @@ class DigitsData(pl.LightningDataModule):
         return torch.utils.data.DataLoader(self.val_set, batch_size=256)
 
 
+class PeerStatusFile(pl.Callback):
+    """Keeps ``path`` a JSON snapshot of this peer's progress, rewritten every ``interval`` seconds by a thread.
+
+    A thread (not a training hook) because the interesting moments, averaging and state downloads, happen inside
+    ``optimizer.step()``, when no hook runs.
+    """
+
+    def __init__(self, path: str, interval: float = 0.3):
+        self.path, self.interval = Path(path), interval
+        self.state, self.samples, self.started = "joining", 0, time.monotonic()
+        self.rate = 0.0
+        self.trainer: pl.Trainer | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="PeerStatusFile", daemon=True)
+        self._thread.start()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.trainer, self.state, self.started = trainer, "training", time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.samples += len(batch[0])
+        elapsed = time.monotonic() - self.started
+        self.rate = self.samples / elapsed if elapsed > 0 else 0.0
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.state = "finished"
+        self._write()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.state = "left" if isinstance(exception, KeyboardInterrupt) else "failed"
+        self._write()
+
+    def _snapshot(self) -> dict:
+        snapshot = {"state": self.state, "samples": self.samples, "samples_per_second": self.rate, "time": time.time()}
+        strategy = getattr(self.trainer, "strategy", None)
+        optimizer = getattr(strategy, "collaborative_optimizer", None)
+        if optimizer is not None:
+            state = optimizer.collaboration_state
+            if self.state == "training" and optimizer.activity in ("averaging", "downloading"):
+                snapshot["state"] = optimizer.activity
+            snapshot.update(
+                step=state.optimizer_step,
+                peers=state.num_peers,
+                samples_accumulated=state.samples_accumulated,
+                target_batch_size=state.target_batch_size,
+                eta=max(0.0, state.eta_next_step - time.time()) if state.eta_next_step < float("inf") else None,
+            )
+        metrics = getattr(self.trainer, "callback_metrics", {}) or {}
+        for name in ("train_loss", "val_accuracy"):
+            if name in metrics:
+                snapshot[name] = float(metrics[name])
+        return snapshot
+
+    def _write(self) -> None:
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self._snapshot()))
+        os.replace(temporary, self.path)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._write()
+            except Exception:  # noqa: S112 - a snapshot taken mid-update: the next one will do
+                continue
+
+
 class CollaborativeCLI(LightningCLI):
-    """LightningCLI with ``--output_dir``: after ``fit``, save the final model and its validation accuracy there."""
+    """LightningCLI with ``--output_dir`` (after ``fit``, save the final model and its validation accuracy there)
+    and ``--status_file`` (keep a JSON snapshot of this peer's progress there)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--output_dir", type=str | None, default=None, help="Save the final model here")
+        parser.add_argument("--status_file", type=str | None, default=None, help="Keep a progress snapshot here")
+
+    def before_fit(self) -> None:
+        status_file = self.config[self.subcommand].get("status_file")
+        if status_file:
+            self.trainer.callbacks.append(PeerStatusFile(status_file))
 
     def after_fit(self) -> None:
         output_dir = self.config[self.subcommand].get("output_dir")

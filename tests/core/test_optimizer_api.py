@@ -229,3 +229,15 @@ def test_adaptive_round_failure_rolls_back_everything(dht):
         assert opt.param_groups[0]["lr"] == 0.01 and collab.local_step == 0
     finally:
         collab.shutdown()
+
+
+def test_creating_an_optimizer_keeps_ctrl_c_working(dht):
+    # hivemind's averager start-up sets SIGINT to SIG_IGN in the calling process and never restores it
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    collab = _collab(dht)
+    try:
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        collab.shutdown()
