@@ -37,7 +37,7 @@ demo: $(STAMP) ## Run a real collaborative training of PEERS peers for STEPS ste
 lint: $(STAMP) ## ruff check + ruff format --check + mypy on the public packages
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy collab_core lightning_collab --ignore-missing-imports --follow-imports=silent
+	$(VENV)/bin/mypy collab_core lightning_collab accelerate_collab --ignore-missing-imports --follow-imports=silent
 
 format: $(STAMP) ## Apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .

@@ -1,8 +1,28 @@
-"""Hugging Face Accelerate integration for collaborative training (planned, issue 4).
+"""Hugging Face Accelerate integration: an ``accelerate launch`` script joins a collaborative training run.
 
-This package will provide a wrapper that lets an ``accelerate`` training loop take its
-optimizer steps through ``collab_core.CollaborativeOptimizer``. Nothing is exported yet;
-Accelerate itself is deliberately not imported here.
+.. code-block:: python
+
+    accelerator = Accelerator(gradient_accumulation_steps=2)
+    collab = CollaborativeConfig.from_yaml("collab.yaml")  # + COLLAB_* environment overrides
+    optimizer, scheduler = prepare_collaborative(accelerator, optimizer, scheduler, config=collab)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+A thin adapter over :mod:`collab_core`: the collaborative logic (progress tracking, averaging, state downloads,
+scheduler) is the core's; this package maps Accelerate's gradient accumulation, local processes, mixed precision,
+checkpoints and trackers onto it. See ``docs/accelerate.md``.
 """
 
-__all__: list[str] = []
+from accelerate_collab.config import CollaborativeConfig, CollaborativeConfigError
+from accelerate_collab.metrics import METRIC_NAMES
+from accelerate_collab.optimizer import CollaborativeAcceleratedOptimizer
+from accelerate_collab.prepare import prepare_collaborative
+from accelerate_collab.scheduler import CollaborativeAcceleratedScheduler
+
+__all__ = [
+    "CollaborativeConfig",
+    "CollaborativeConfigError",
+    "prepare_collaborative",
+    "CollaborativeAcceleratedOptimizer",
+    "CollaborativeAcceleratedScheduler",
+    "METRIC_NAMES",
+]

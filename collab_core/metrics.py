@@ -15,6 +15,7 @@ METRIC_DESCRIPTIONS: dict[str, str] = {
     "collab/target_batch_size": "samples the collaboration accumulates per step",
     "collab/samples_per_second": "the whole collaboration's throughput (samples/s, from the peers' reports)",
     "collab/eta_seconds": "estimated seconds until the next collaborative step (NaN while unknown)",
+    "collab/last_round_samples": "samples averaged in this peer's last collaborative step",
 }
 #: throughputs below this (samples/s) are hivemind's placeholder for "not measured yet"
 MIN_REPORTED_RATE = 1e-6
@@ -35,6 +36,8 @@ def collaboration_metrics(optimizer: Any) -> dict[str, float]:
     # hivemind reports a tiny epsilon rate (and an absurd ETA) until the first speed measurements arrive
     rate = state.samples_per_second if state.samples_per_second >= MIN_REPORTED_RATE else 0.0
     eta = state.eta_next_step - get_dht_time() if rate > 0 else math.inf
+    if not math.isfinite(eta) and rate > 0:  # right after a step the view has no estimate yet: extrapolate
+        eta = max(0, state.target_batch_size - state.samples_accumulated) / rate
     return {
         "collab/step": float(state.optimizer_step),
         "collab/peers": float(state.num_peers),
@@ -42,6 +45,7 @@ def collaboration_metrics(optimizer: Any) -> dict[str, float]:
         "collab/target_batch_size": float(state.target_batch_size),
         "collab/samples_per_second": float(rate),
         "collab/eta_seconds": max(0.0, eta) if math.isfinite(eta) else math.nan,
+        "collab/last_round_samples": float(state.last_round_samples),
     }
 
 

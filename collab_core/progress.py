@@ -154,11 +154,12 @@ class CollaborationTracker(ProgressTracker):
         ).result(timeout=timeout)
 
     def run(self) -> None:
-        """The background thread: hivemind's reporter and fetcher coroutines, on an event loop that is closed after.
+        """The background thread: hivemind's reporter and fetcher coroutines; their executor is shut down after.
 
-        Workaround (hivemind 1.1.12, ``ProgressTracker.run``): hivemind never closes the loop, so the threads of its
-        default executor (which the coroutines use to wait on events) outlive the tracker, 3-4 threads per tracker
-        and so per ``fit``. Here the executor is shut down and the loop closed before ``shutdown_complete`` is set.
+        Workaround (hivemind 1.1.12, ``ProgressTracker.run``): hivemind never shuts down the loop's default executor
+        (which the coroutines use to wait on events), so its threads outlive the tracker, 3-4 threads per tracker and
+        so per ``fit``. Here the executor is shut down before ``shutdown_complete`` is set. The loop itself is left
+        open: hivemind futures bound to it may still be garbage-collected later, and they touch their loop then.
         """
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
@@ -166,7 +167,6 @@ class CollaborationTracker(ProgressTracker):
             loop.run_until_complete(asyncio.gather(self._progress_reporter(), self._progress_fetcher()))
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
-            loop.close()
             self.shutdown_complete.set()
 
     def shutdown(self, timeout: float | None = None) -> None:

@@ -1,0 +1,262 @@
+"""The optimizer handed back to an Accelerate training loop: Accelerate's wrapper over a collaborative optimizer.
+
+Like Accelerate's own ``AcceleratedOptimizer`` it steps only on sync steps of gradient accumulation, but a sync step
+reports the micro-batches of all local processes to ``collab_core.CollaborativeOptimizer``, which updates the model
+only when the whole collaboration has accumulated ``target_batch_size`` samples. It is marked prepared, so
+``accelerator.prepare`` keeps it (no double wrapping) and registers it for ``save_state``/``load_state`` and
+``accelerator.optimizer_step_was_skipped``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate.optimizer import AcceleratedOptimizer
+
+from accelerate_collab.batch import MicroBatchCounter
+from accelerate_collab.local import LocalGroup, StepOutcome
+from accelerate_collab.metrics import ProgressReporter
+from collab_core import CollaborativeOptimizer
+from collab_core.log import get_logger
+
+logger = get_logger(__name__)
+
+
+class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
+    """An optimizer whose ``step()`` contributes to a collaboration; created by ``prepare_collaborative``.
+
+    On the main process ``.optimizer`` is the :class:`collab_core.CollaborativeOptimizer`; on the other local
+    processes of the peer it is the user's optimizer, which is never stepped there: those processes receive the
+    parameters from the main process after every change of the collaborative step.
+
+    Args:
+        optimizer: the user's PyTorch optimizer.
+        collaborative: the collaborative optimizer over ``optimizer`` (main process), or None (other processes).
+        scheduler: the user's learning-rate scheduler, or None.
+        group: the local processes of this peer.
+        counter: counts the samples behind each real optimizer step.
+        reuse_grad_buffers: whether gradients are accumulated in ``param.grad`` (then ``zero_grad`` never clears).
+        grad_scaler: Accelerate's gradient scaler (fp16), or None.
+        reporter: progress bar and metrics (main process), or None.
+        dht: a DHT started for this optimizer, shut down with it; None if the caller owns the DHT.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        collaborative: CollaborativeOptimizer | None,
+        scheduler: Any | None,
+        group: LocalGroup,
+        counter: MicroBatchCounter,
+        reuse_grad_buffers: bool,
+        grad_scaler: Any | None = None,
+        reporter: ProgressReporter | None = None,
+        dht: Any | None = None,
+    ) -> None:
+        super().__init__(collaborative if collaborative is not None else optimizer, device_placement=False, scaler=None)
+        self._is_accelerate_prepared = True
+        self.collaborative_optimizer = collaborative
+        self.local_optimizer = optimizer
+        self.lr_scheduler = scheduler
+        self.reuse_grad_buffers = reuse_grad_buffers
+        self.grad_scaler = grad_scaler
+        self._group, self._counter, self._reporter, self._dht = group, counter, reporter, dht
+        self._params = [param for param_group in optimizer.param_groups for param in param_group["params"]]
+        self._skipped = False
+        self._step = collaborative.local_step if collaborative is not None else 0
+        self._num_peers = 1
+        self._closed = False
+
+    # ------------------------------------------------------------------ public state
+
+    @property
+    def step_was_skipped(self) -> bool:
+        """Whether the last ``step()`` call did *not* apply a collaborative update to the parameters.
+
+        True on accumulation (non-sync) calls, on calls that only reported samples, on a skipped fp16 overflow step
+        and on a call that downloaded the collaboration's state instead of stepping.
+        """
+        return self._skipped
+
+    @property
+    def collaborative_step(self) -> int:
+        """Collaborative steps taken by this peer (the same on every local process)."""
+        if self.collaborative_optimizer is not None:
+            return self.collaborative_optimizer.local_step
+        return self._step
+
+    @property
+    def num_peers(self) -> int:
+        """Peers in the collaboration as last seen (this one included; one per ``accelerate launch``)."""
+        if self.collaborative_optimizer is not None:
+            return self.collaborative_optimizer.collaboration_state.num_peers
+        return self._num_peers
+
+    @property
+    def is_collaborating_process(self) -> bool:
+        """Whether this process talks to the collaboration (the main process of the peer)."""
+        return self.collaborative_optimizer is not None
+
+    # ------------------------------------------------------------------ the training loop
+
+    def step(self, closure: Any = None, *, batch_size: int | None = None) -> Any:
+        """Count this micro-batch; on a sync step, contribute the peer's gradients to the collaboration.
+
+        Args:
+            closure: optional, as in ``torch.optim.Optimizer.step``: called first to compute the loss and gradients.
+            batch_size: samples of this micro-batch on this process; default: the ``batch_size`` setting, else the
+                batch size of the prepared dataloader being iterated.
+
+        Returns:
+            The closure's loss, if a closure was given.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._counter.add(batch_size)
+        if not self.gradient_state.sync_gradients:
+            self._skipped = True  # accumulating: Accelerate's "step only on sync steps"
+            return loss
+        samples, micro_batches = self._counter.take()
+        peer_samples = self._group.total(samples)
+        outcome: StepOutcome | None = None
+        if self.collaborative_optimizer is not None:
+            try:
+                outcome = self._contribute(peer_samples, micro_batches)
+            except BaseException:
+                if self._group.distributed:  # release the other processes, which wait for the outcome
+                    self._group.share_outcome(StepOutcome(False, False, self._step, 0, failed=True))
+                raise
+        outcome = self._group.share_outcome(outcome)
+        if outcome.failed:
+            raise RuntimeError(
+                "the main process of this peer failed in optimizer.step() (see its error); this process stops too"
+            )
+        self._follow(outcome)
+        self._skipped = not outcome.updated
+        if self._reporter is not None:
+            self._reporter.after_call(outcome.changed)
+        return loss
+
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
+        """Clear gradients on sync steps only; never with ``reuse_grad_buffers`` (they hold counted samples).
+
+        ``step()`` already leaves ``param.grad`` empty after contributing it, so calling this is optional.
+        """
+        if not self.gradient_state.sync_gradients or self.reuse_grad_buffers:
+            return
+        self.local_optimizer.zero_grad(set_to_none=True if set_to_none is None else set_to_none)
+
+    def _contribute(self, peer_samples: int, micro_batches: int) -> StepOutcome:
+        """Main process: hand the peer's averaged gradient to the collaborative optimizer."""
+        collaborative = self.collaborative_optimizer
+        assert collaborative is not None
+        accumulation_steps = self.gradient_state.num_steps
+        if micro_batches < accumulation_steps and not self.reuse_grad_buffers:
+            # accelerator.backward divided each loss by gradient_accumulation_steps, but fewer micro-batches came
+            # (end of the dataloader): make param.grad the mean gradient of the samples that are reported
+            with torch.no_grad():
+                for param in self._params:
+                    if param.grad is not None:
+                        param.grad.mul_(accumulation_steps / micro_batches)
+        step_before, before = collaborative.local_step, collaborative.collaboration_state
+        collaborative.step(batch_size=peer_samples)
+        state = collaborative.collaboration_state
+        changed = collaborative.local_step != step_before
+        downloaded = state.state_downloads != before.state_downloads
+        overflow = getattr(state, "overflow_steps", 0) != getattr(before, "overflow_steps", 0)  # fp16: skipped by all
+        scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 0.0
+        return StepOutcome(
+            updated=changed and not downloaded and not overflow,
+            changed=changed,
+            step=collaborative.local_step,
+            num_peers=state.num_peers,
+            scale=scale,
+        )
+
+    def _follow(self, outcome: StepOutcome) -> None:
+        """Bring every local process to the main process's state after a sync step."""
+        main = self.collaborative_optimizer is not None
+        if outcome.changed and self._group.distributed:
+            self._group.share_tensors(self._params)
+            lr_state = self._group.share_object(self._lr_state() if main else None)
+            if not main:
+                self._load_lr_state(lr_state)
+        if main:
+            return
+        self._step, self._num_peers = outcome.step, outcome.num_peers
+        if self.grad_scaler is not None and outcome.scale and self.grad_scaler.get_scale() != outcome.scale:
+            self.grad_scaler.update(outcome.scale)  # DDP averages scaled gradients: every process needs one scale
+        if outcome.changed or not self.reuse_grad_buffers:
+            # the main process's step() emptied its gradients (after accumulating them, or after a step/download)
+            with torch.no_grad():
+                for param in self._params:
+                    if param.grad is not None:
+                        param.grad.zero_()
+
+    def _lr_state(self) -> dict[str, Any]:
+        return {
+            "lrs": [param_group["lr"] for param_group in self.local_optimizer.param_groups],
+            "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+        }
+
+    def _load_lr_state(self, lr_state: dict[str, Any]) -> None:
+        for param_group, lr in zip(self.local_optimizer.param_groups, lr_state["lrs"], strict=True):
+            param_group["lr"] = lr
+        if self.lr_scheduler is not None and lr_state["scheduler"] is not None:
+            self.lr_scheduler.load_state_dict(lr_state["scheduler"])
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state, scheduler state and the collaborative step (``collab_core`` checkpoint format)."""
+        if self.collaborative_optimizer is not None:
+            return self.collaborative_optimizer.state_dict()
+        return {
+            "optimizer": self.local_optimizer.state_dict(),
+            "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "local_step": self._step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a checkpoint made by :meth:`state_dict` (``accelerator.load_state`` calls this on every process)."""
+        if self.collaborative_optimizer is not None:
+            self.collaborative_optimizer.load_state_dict(state_dict)
+            return
+        if "local_step" not in state_dict:
+            self.local_optimizer.load_state_dict(state_dict)
+            return
+        self.local_optimizer.load_state_dict(state_dict["optimizer"])
+        if self.lr_scheduler is not None and state_dict.get("scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state_dict["scheduler"])
+        self._step = int(state_dict["local_step"])
+
+    # ------------------------------------------------------------------ leaving
+
+    def shutdown(self) -> None:
+        """Leave the collaboration (progress bar, averager, and the DHT if ``prepare_collaborative`` started it).
+
+        Idempotent; also registered to run at interpreter exit. ``state_dict()`` keeps working afterwards.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._reporter is not None:
+            self._reporter.close()
+        try:
+            if self.collaborative_optimizer is not None:
+                self.collaborative_optimizer.shutdown()
+        finally:
+            if self._dht is not None:
+                self._dht.shutdown()
+
+    def __repr__(self) -> str:
+        role = "main" if self.collaborative_optimizer is not None else "follower"
+        step = self.collaborative_step
+        return f"{type(self).__name__}({role}, collaborative_step={step}, opt={self.local_optimizer!r})"
+
+
+__all__ = ["CollaborativeAcceleratedOptimizer"]

@@ -1,0 +1,78 @@
+"""``examples/accelerate/train.py`` with the exact commands of docs/accelerate.md: two ``accelerate launch`` peers."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import torch
+from accelerate_launching import LaunchedPeers
+from peer_processes import LOOPBACK, REPO_ROOT
+
+EXAMPLE = REPO_ROOT / "examples" / "accelerate" / "train.py"
+CONFIG = REPO_ROOT / "examples" / "accelerate" / "collab.yaml"
+HINT = re.compile(r'COLLAB_INITIAL_PEERS="([^"]+)"')
+STEPS = 10
+
+
+def _wait_for_hint(peer, timeout: float = 90.0) -> str:
+    """The join hint the first peer prints (what a user copies into the second peer's environment)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = HINT.search(peer.log_text())
+        if found:
+            return found.group(1)
+        if peer.process.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"the first peer printed no join hint\n{peer.log_text()[-4000:]}")
+
+
+@pytest.mark.slow
+def test_example_two_peers_train_identical_models(tmp_path):
+    from safetensors.torch import load_file
+
+    env = {"COLLAB_RUN_ID": "digits-example-test", "COLLAB_HOST_MADDRS": LOOPBACK}
+    common = ["--collab-config", str(CONFIG), "--max-steps", str(STEPS), "--min-peers", "2"]
+    with LaunchedPeers(tmp_path, env) as peers:
+        first = peers.start(
+            "first", [*common, "--seed", "1", "--output-dir", str(tmp_path / "first")], script=EXAMPLE, pass_name=False
+        )
+        initial_peers = _wait_for_hint(first)
+        assert "/ip4/127.0.0.1/tcp/" in initial_peers and "/p2p/" in initial_peers
+        second = peers.start(
+            "second",
+            [*common, "--seed", "2", "--output-dir", str(tmp_path / "second")],
+            script=EXAMPLE,
+            pass_name=False,
+            env={"COLLAB_INITIAL_PEERS": initial_peers},
+            launch_args=["--mixed_precision", "bf16"],
+        )
+        peers.wait([first, second], timeout=180)
+        logs = peers.logs()
+
+    results = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("first", "second")}
+    models = {name: load_file(str(tmp_path / name / "model.safetensors")) for name in ("first", "second")}
+    print(results)
+    for result in results.values():
+        assert result["collaborative_step"] == STEPS
+        assert result["num_peers"] == 2
+        assert result["test_accuracy"] >= 0.7
+    diff = max((models["first"][k] - models["second"][k]).abs().max().item() for k in models["first"])
+    print(f"max |first - second| = {diff:.3e}")
+    assert diff <= 1e-6
+    assert all(t.dtype == torch.float32 for t in models["second"].values())
+    assert "collaborative step" in logs  # the progress bar
+
+
+def test_example_reports_a_bad_config_key_and_exits(tmp_path):
+    bad = tmp_path / "collab.yaml"
+    bad.write_text("run_id: digits\ntarget_batch: 128\n", encoding="utf-8")
+    with LaunchedPeers(tmp_path, {}) as peers:
+        peer = peers.start("bad", ["--collab-config", str(bad)], script=EXAMPLE, pass_name=False, launcher="python")
+        assert peer.process.wait(120) != 0
+    log = peer.log_text()
+    assert f"Unknown key 'target_batch' in settings file {bad}" in log
+    assert "Did you mean 'target_batch_size'?" in log
