@@ -3,8 +3,8 @@
 
 PYTHON ?= python3
 VENV ?= .venv
-PEERS ?= 2
-STEPS ?= 20
+PEERS ?= 4
+STEPS ?= 40
 PYTEST_ARGS ?=
 
 VENV_PY := $(VENV)/bin/python
@@ -32,7 +32,7 @@ test: $(STAMP) ## Run the test suite (extra pytest flags: PYTEST_ARGS="...")
 	exit $$s
 
 demo: $(STAMP) ## Run a real collaborative training of PEERS peers for STEPS steps on this machine
-	$(VENV_PY) examples/core_quickstart.py --demo --peers $(PEERS) --steps $(STEPS) --output-dir demo_out
+	$(VENV_PY) -m examples.demo --peers $(PEERS) --steps $(STEPS) --output-dir demo_out
 
 lint: $(STAMP) ## ruff check + ruff format --check + mypy on the public packages
 	$(VENV)/bin/ruff check .

@@ -38,7 +38,7 @@ HINT = re.compile(r'COLLAB_RUN_ID=(\S+) COLLAB_INITIAL_PEERS="([^"]+)"')
 BATCH_SIZES = (32, 24, 16, 28, 20, 36, 12, 40)
 # when (fraction of the collaborative steps reached) the late peer joins, the leaver gets SIGINT, the victim SIGKILL
 # (a peer needs 10-20 s to start on a busy 2-core machine, so the late one is launched early to join mid-run)
-JOIN_AT, LEAVE_AT, KILL_AT = 0.05, 0.4, 0.6
+JOIN_AT, LEAVE_AT, KILL_AT = 0.02, 0.4, 0.6
 POLL_SECONDS = 0.25
 
 
@@ -132,6 +132,11 @@ class Demo:
         self.timeline: list[dict] = []
         self.events: list[str] = []
         self.started = time.monotonic()
+        from rich.console import Console
+
+        console = Console()
+        # not a terminal (e.g. piped to a log): rich would assume 80 columns and truncate the table
+        self.console = console if console.is_terminal else Console(width=120)
 
     # ------------------------------------------------------------------ processes
 
@@ -196,7 +201,7 @@ class Demo:
         from rich.live import Live
 
         deadline = time.monotonic() + self.args.timeout
-        with Live(self.render(), refresh_per_second=4, transient=False) as live:
+        with Live(self.render(), console=self.console, refresh_per_second=4, transient=False) as live:
             while True:
                 self.poll()
                 live.update(self.render())
@@ -239,7 +244,7 @@ class Demo:
                     peer.signalled = True
                     self.event(f"{peer.name}: SIGKILL at step {step}")
             if peer.status and peer.exit_state is None:
-                self.timeline.append({"time": round(now, 2), "peer": peer.name, **peer.status})
+                self.timeline.append({**peer.status, "time": round(now, 2), "peer": peer.name})
 
     # ------------------------------------------------------------------ output
 
@@ -270,10 +275,10 @@ class Demo:
         return Group(table, Text("\n".join(self.events[-8:]), style="dim"))
 
     def finish(self, code: int) -> int:
-        from rich.console import Console
         from rich.table import Table
 
-        console = Console()
+        console = self.console
+        console.print()
         summaries = {}
         for peer in self.peers:
             path = peer.workdir / "summary.json"

@@ -17,6 +17,7 @@ progress up to date (``make demo`` reads it for its live view).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import threading
@@ -121,20 +122,30 @@ class PeerStatusFile(pl.Callback):
 
     def __init__(self, path: str, interval: float = 0.3):
         self.path, self.interval = Path(path), interval
-        self.state, self.samples, self.started = "joining", 0, time.monotonic()
-        self.rate = 0.0
+        self.state, self.samples = "joining", 0
+        self.recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, samples) of the last 2 s
         self.trainer: pl.Trainer | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="PeerStatusFile", daemon=True)
         self._thread.start()
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.trainer, self.state, self.started = trainer, "training", time.monotonic()
+        self.trainer, self.state = trainer, "training"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.samples += len(batch[0])
-        elapsed = time.monotonic() - self.started
-        self.rate = self.samples / elapsed if elapsed > 0 else 0.0
+        now = time.monotonic()
+        self.recent.append((now, self.samples))
+        while len(self.recent) > 2 and now - self.recent[0][0] > 2.0:
+            self.recent.popleft()
+
+    @property
+    def rate(self) -> float:
+        """Samples per second over the last 2 seconds of training (compute and collaboration waits included)."""
+        if len(self.recent) < 2 or self.state != "training":
+            return 0.0
+        (t0, s0), (t1, s1) = self.recent[0], self.recent[-1]
+        return (s1 - s0) / max(t1 - t0, 1e-6)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.state = "finished"
