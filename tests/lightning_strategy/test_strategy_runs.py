@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 
 import pytest
 import torch
@@ -153,7 +154,8 @@ def checkpoint_runs(tmp_path_factory):
     """``lightning.pytorch`` namespace, epoch-interval scheduler: a checkpoint at step 3, then two ways to resume."""
     workdir = tmp_path_factory.mktemp("checkpoint")
     ckpt = workdir / "step3.ckpt"
-    common = ["--namespace", "lightning", "--scheduler", "epoch", "--batch-size", "16"]
+    # 128 samples: an epoch (and so an epoch-interval scheduler call by Lightning) every 2 collaborative steps
+    common = ["--namespace", "lightning", "--scheduler", "epoch", "--batch-size", "16", "--samples", "128"]
     runs = {}
     runs["seed"] = run_lightning_peers(
         workdir, "seed", [("seed", [*common, "--steps", "3", "--ckpt-out", str(ckpt)], {})], target_batch_size=64
@@ -161,14 +163,20 @@ def checkpoint_runs(tmp_path_factory):
     runs["resume"] = run_lightning_peers(
         workdir, "resume", [("resume", [*common, "--steps", "5", "--ckpt-in", str(ckpt)], {})], target_batch_size=64
     )["resume"]
-    specs = [
-        ("ahead", [*common, "--peers", "2", "--steps", "8", "--data-seed", "5", "--wait-for-joiner-at-step", "5"], {}),
-        ("behind", [*common, "--peers", "2", "--steps", "8", "--data-seed", "6", "--ckpt-in", str(ckpt),
-                    "--join-at-step", "5"], {}),
-    ]  # fmt: skip
-    runs.update(
-        run_lightning_peers(workdir, "behind", specs, target_batch_size=64, averaging_timeout=20, matchmaking_time=3)
-    )
+    # "ahead" trains alone to step 5 and waits there; only then does "behind" start from the step-3 checkpoint
+    ahead_args = [*common, "--finish-peers", "2", "--steps", "8", "--data-seed", "5", "--wait-for-joiner-at-step", "5"]
+    behind_args = [*common, "--finish-peers", "2", "--steps", "8", "--data-seed", "6", "--ckpt-in", str(ckpt),
+                   "--join-at-step", "5"]  # fmt: skip
+    settings = dict(target_batch_size=64, averaging_timeout=20, matchmaking_time=3)
+    with bootstrap_dht() as dht, PeerSet(workdir, collab_env(dht, "behind", **settings)) as peers:
+        ahead = peers.start("ahead", ahead_args, script=LIGHTNING_PEER)
+        deadline = time.monotonic() + TIMEOUT
+        while "waiting for the joiner at step 5" not in ahead.log_text():
+            assert ahead.process.poll() is None and time.monotonic() < deadline, peers.logs()
+            time.sleep(0.1)
+        behind = peers.start("behind", behind_args, script=LIGHTNING_PEER)
+        peers.wait([ahead, behind], timeout=TIMEOUT)
+        runs.update(ahead=ahead.result(), behind=behind.result())
     return runs
 
 

@@ -181,6 +181,7 @@ def build(namespace: str, args: argparse.Namespace):
                 trainer.should_stop = True
 
         def _wait_for_joiner(self, strategy):
+            print(f"waiting for the joiner at step {strategy.collaborative_step}", flush=True)  # the test starts it
             deadline = time.monotonic() + BARRIER_TIMEOUT
             while time.monotonic() < deadline:
                 if strategy.dht.get(f"{strategy.settings.run_id}_joined", latest=True) is not None:
@@ -192,7 +193,8 @@ def build(namespace: str, args: argparse.Namespace):
             if args.no_finish_barrier:
                 return
             strategy = trainer.strategy
-            barrier(strategy.dht, f"{strategy.settings.run_id}_test_finish_{self.fits}", args.name, args.peers)
+            finish_peers = args.finish_peers or args.peers
+            barrier(strategy.dht, f"{strategy.settings.run_id}_test_finish_{self.fits}", args.name, finish_peers)
 
     return L, Module, Recorder
 
@@ -203,6 +205,7 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--namespace", choices=["pl", "lightning"], default="pl")
     parser.add_argument("--peers", type=int, default=1, help="peers at the start/finish barriers")
+    parser.add_argument("--finish-peers", type=int, default=0, help="peers at the finish barrier (default: --peers)")
     parser.add_argument("--steps", type=int, required=True, help="stop at this collaborative step")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--data-seed", type=int, default=0)
