@@ -431,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = Demo(args)
     if demo.out.exists():
         shutil.rmtree(demo.out)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background (SIG_IGN)
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _interrupt)  # treat `kill <demo>` like Ctrl-C: stop every peer, then summarize
     code = 1
