@@ -221,7 +221,8 @@ class CollaborativeCLI(LightningCLI):
 
 
 def main() -> None:
-    CollaborativeCLI(DigitsClassifier, DigitsData, save_config_kwargs={"overwrite": True})
+    # no config.yaml copy in the working directory (LightningCLI writes one to the log dir, here the cwd)
+    CollaborativeCLI(DigitsClassifier, DigitsData, save_config_callback=None)
 
 
 if __name__ == "__main__":
