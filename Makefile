@@ -6,17 +6,18 @@ VENV ?= .venv
 PEERS ?= 4
 STEPS ?= 40
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo lint format clean distclean
+.PHONY: help install test demo bench lint format clean distclean
 
 help: ## List the targets
 	@echo "collab-training — make targets:"
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
-	@echo "Variables: PYTHON=$(PYTHON) VENV=$(VENV) PEERS=$(PEERS) STEPS=$(STEPS) PYTEST_ARGS='$(PYTEST_ARGS)'"
+	@echo "Variables: PYTHON=$(PYTHON) VENV=$(VENV) PEERS=$(PEERS) STEPS=$(STEPS) PYTEST_ARGS='$(PYTEST_ARGS)' BENCH_ARGS='$(BENCH_ARGS)'"
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +34,9 @@ test: $(STAMP) ## Run the test suite (extra pytest flags: PYTEST_ARGS="...")
 
 demo: $(STAMP) ## Run a real collaborative training of PEERS peers for STEPS steps on this machine
 	$(VENV_PY) -m examples.demo --peers $(PEERS) --steps $(STEPS) --output-dir demo_out
+
+bench: $(STAMP) ## Benchmarks W1-W5 vs raw hivemind: table, bench/results/<date>.json + W1 plot (BENCH_ARGS="--workload W1")
+	$(VENV_PY) -m bench $(BENCH_ARGS)
 
 lint: $(STAMP) ## ruff check + ruff format --check + mypy on the public packages
 	$(VENV)/bin/ruff check .
