@@ -37,8 +37,9 @@ CONFIG = REPO_ROOT / "examples" / "lightning" / "config.yaml"
 HINT = re.compile(r'COLLAB_RUN_ID=(\S+) COLLAB_INITIAL_PEERS="([^"]+)"')
 BATCH_SIZES = (32, 24, 16, 28, 20, 36, 12, 40)
 # when (fraction of the collaborative steps reached) the late peer joins, the leaver gets SIGINT, the victim SIGKILL
-# (a peer needs 10-20 s to start on a busy 2-core machine, so the late one is launched early to join mid-run)
-JOIN_AT, LEAVE_AT, KILL_AT = 0.02, 0.4, 0.6
+# (the late peer's process starts with the others, since imports take 10-20 s on a busy 2-core machine, and joins
+# when told to)
+JOIN_AT, LEAVE_AT, KILL_AT = 0.25, 0.4, 0.6
 POLL_SECONDS = 0.25
 
 
@@ -70,6 +71,8 @@ class DemoPeer:
             return self.exit_state
         if self.process is None:
             return "waiting"
+        if self.role == "late" and not (self.workdir / "go").exists():
+            return "waits to join"
         return self.status.get("state", "starting")
 
     def read_status(self) -> None:
@@ -168,6 +171,7 @@ class Demo:
             "--output_dir", str(peer.workdir), "--status_file", str(peer.status_file),
         ]  # fmt: skip
         env = {
+            "DEMO_START_FILE": str(peer.workdir / "go") if peer.role == "late" else "",
             **self.join_env,  # the join hint, as a user on another machine would paste it
             "COLLAB_HOST_MADDRS": "/ip4/127.0.0.1/tcp/0",
             "COLLAB_TARGET_BATCH_SIZE": str(self.args.target_batch_size),
@@ -193,8 +197,7 @@ class Demo:
         self.start_bootstrap()
         self.event(f"bootstrap peer up; join hint: {' '.join(f'{k}={v}' for k, v in self.join_env.items())}")
         for peer in self.peers:
-            if peer.role != "late":
-                self.start_peer(peer)
+            self.start_peer(peer)  # the late one waits (imports done) until its start file exists
         return self.watch()
 
     def watch(self) -> int:
@@ -223,9 +226,11 @@ class Demo:
         now = time.monotonic() - self.started
         for peer in self.peers:
             if peer.process is None:
-                if peer.role == "late" and step >= JOIN_AT * self.args.steps:
-                    self.start_peer(peer)
                 continue
+            go = peer.workdir / "go"
+            if peer.role == "late" and not go.exists() and step >= JOIN_AT * self.args.steps:
+                go.touch()
+                self.event(f"{peer.name} joins now (step {step})")
             peer.read_status()
             if peer.exit_state is None and peer.process.poll() is not None:
                 code = peer.process.returncode

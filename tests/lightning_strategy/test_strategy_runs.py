@@ -315,7 +315,7 @@ def test_teardown_ends_every_hivemind_process_and_thread(lifecycle_run):
         assert set(phase["children"]) <= {"torch_shm_manager"}
     # the tracker's threads end (and its executor's: see CollaborationTracker.run); what remains are process-wide
     # singletons started once: hivemind's MPFuture backend thread and multiprocessing's resource sharer
-    singletons = ("hivemind.utils.mpfuture.BACKEND", "(_serve)")
+    singletons = ("hivemind.utils.mpfuture.BACKEND", "(_serve)", "[hivemind process-wide executor]")
     for phase in (lifecycle_run["after_first_fit"], lifecycle_run["second_fit"]):
         assert [name for name in phase["threads"] if not name.endswith(singletons)] == []
 

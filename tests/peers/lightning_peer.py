@@ -356,7 +356,16 @@ def _children() -> list[str]:
 
 
 def _live_threads() -> list[str]:
-    return sorted(t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive())
+    """Names of the live threads; those of hivemind's process-wide executor (a singleton, created on first use in
+    ``hivemind.utils.asyncio``) are marked as such."""
+    from hivemind.utils.asyncio import _AsyncContextWrapper
+
+    shared = set(getattr(_AsyncContextWrapper.CONTEXT_EXECUTOR, "_threads", ()) or ())
+    return sorted(
+        t.name + (" [hivemind process-wide executor]" if t in shared else "")
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and t.is_alive()
+    )
 
 
 if __name__ == "__main__":
