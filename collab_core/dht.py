@@ -7,10 +7,37 @@ import shlex
 from typing import Any
 
 import hivemind
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.validation import DHTRecord
 
 from collab_core.settings import CollaborativeSettings, env_var
 
 __all__ = ["DHTStartupError", "join_hint", "start_dht"]
+
+
+def _drop_invalid_subkeys(self: DHTProtocol, key_bytes: bytes, dictionary: Any) -> bool:
+    """Keep the valid sub-records of a dictionary value found on another node, dropping only the invalid ones.
+
+    WORKAROUND (hivemind 1.1.12, ``DHTProtocol._validate_dictionary``): hivemind discards a node's *whole* answer for
+    a key if one sub-record fails validation. One malformed progress record (stored, say, by the node of whoever
+    published it, which need not validate anything) then hides every honest peer's record from a reader that asks
+    that node: in our tests such a peer saw nobody and trained alone. Patched on the class when ``collab_core`` is
+    imported, so DHT processes started afterwards (they are forked) use it.
+    """
+    if self.record_validator is None:
+        return True
+    invalid = []
+    with dictionary.freeze():
+        for subkey, (value_bytes, expiration_time) in dictionary.items():
+            record = DHTRecord(key_bytes, self.serializer.dumps(subkey), value_bytes, expiration_time)
+            if not self.record_validator.validate(record):
+                invalid.append(subkey)
+    for subkey in invalid:
+        del dictionary[subkey]
+    return True
+
+
+DHTProtocol._validate_dictionary = _drop_invalid_subkeys  # type: ignore[method-assign]
 
 
 class DHTStartupError(RuntimeError):

@@ -48,7 +48,7 @@ from collab_core.amp import LossScaleKeeper
 from collab_core.averager import CollaborativeAverager
 from collab_core.log import get_logger
 from collab_core.progress import CollaborationTracker, CollaborationView, PeerRecord
-from collab_core.state import capture_state, restore_state
+from collab_core.state import IncompleteStateError, capture_state, restore_state
 
 logger = get_logger(__name__)
 
@@ -86,6 +86,10 @@ class CollaborationState:
         failed_rounds: averaging rounds that failed on this peer (it did not apply them).
         state_downloads: times this peer downloaded the state from peers.
         overflow_steps: collaborative steps skipped because some peer's fp16 gradients had inf/NaN.
+        nonfinite_steps: collaborative steps skipped because the averaged gradient had inf/NaN although no peer
+            flagged an fp16 overflow (e.g. a faulty or malicious peer sent inf/NaN gradients).
+        short_rounds: rounds (counted in ``failed_rounds`` too) not applied because the group gathered fewer than
+            ``target_batch_size`` samples (expected peers did not come, or a record overstated a peer's samples).
         last_round_peers: peers that took part in this peer's last collaborative step.
         last_round_samples: samples averaged in that step.
         last_round_participants: DHT peer ids (base58) of those peers, this one included.
@@ -107,6 +111,19 @@ class CollaborationState:
     last_round_samples: int
     last_round_participants: tuple[str, ...] = ()
     samples_per_second: float = 0.0
+    nonfinite_steps: int = 0
+    short_rounds: int = 0
+
+
+def _all_finite(tensors: Iterator[torch.Tensor | None]) -> bool:
+    """Whether every given tensor (``None`` counts as finite) holds only finite values."""
+    return all(tensor is None or bool(torch.isfinite(tensor).all()) for tensor in tensors)
+
+
+def _sample_count(info: Any) -> int:
+    """The sample count a groupmate reported in the round's gathered data (0 if missing or malformed)."""
+    samples = info.get("samples") if isinstance(info, dict) else None
+    return samples if isinstance(samples, int) and not isinstance(samples, bool) and samples > 0 else 0
 
 
 def _positive_number(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> Any:
@@ -264,7 +281,12 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         self._failed_rounds = 0
         self._state_downloads = 0
         self._overflow_steps = 0
+        self._nonfinite_steps = 0
+        self._short_rounds = 0
         self._download_backoff = 0.0  # seconds to wait after the last failed automatic download (doubles, capped)
+        # records that claimed to be ahead when no peer could serve a newer state (e.g. forged records): peer id ->
+        # record time. They are not believed again until that peer publishes a newer record.
+        self._unbacked_claims: dict[bytes, float] = {}
         self._next_download_at = 0.0  # time.monotonic() before which no automatic download is tried
         self._max_backoff = float(metadata_expiration)  # by then, records of crashed peers have expired
         self.last_step_overflowed = False  # the last collaborative step was skipped for inf/NaN (fp16) gradients
@@ -441,6 +463,8 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             last_round_samples=sum(info["samples"] for info in self._last_round.values()),
             last_round_participants=tuple(PeerID(peer_id).to_base58() for peer_id in self._last_round),
             samples_per_second=float(view.samples_per_second),
+            nonfinite_steps=self._nonfinite_steps,
+            short_rounds=self._short_rounds,
         )
 
     def step(  # type: ignore[override]  # the reference API takes batch_size first
@@ -472,10 +496,10 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             raise ValueError("this CollaborativeOptimizer was shut down; create a new one to keep training")
         self._measure_call_interval()
 
-        if self.tracker.view.epoch - self.local_step > self.step_tolerance and self._may_download():
+        if self._steps_behind() > self.step_tolerance and self._may_download():
             logger.log(self.status_loglevel, f"{self.prefix}: behind the collaboration, downloading its state")
             self._discard_current_gradients()
-            self.load_state_from_peers()
+            self._catch_up()
             return loss
 
         self._accumulator.add(batch_size)
@@ -558,6 +582,18 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         timeout = self._download_timeout if timeout is None else timeout
         if kwargs:
             raise TypeError(f"unexpected argument(s) to load_state_from_peers(): {sorted(kwargs)}")
+        return self._load_state(timeout, require_newer=False)
+
+    def _catch_up(self) -> bool:
+        """The automatic download when peers seem ahead: only a state newer than this peer's is loaded.
+
+        A record claiming a step that no peer can serve (e.g. a forged progress record) must not make this peer
+        reload its own step again and again, discarding its gradients each time: such a download counts as failed
+        and backs off, and the peer keeps training meanwhile.
+        """
+        return self._load_state(self._download_timeout, require_newer=True)
+
+    def _load_state(self, timeout: float, require_newer: bool) -> bool:
         try:
             with self._doing("downloading"):
                 downloaded = self._averager.load_state_from_peers(timeout=timeout)
@@ -568,14 +604,25 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             self._download_failed("no peer could provide its state")
             return False
         metadata, tensors = downloaded
-        if isinstance(metadata, dict) and isinstance(metadata.get("step"), int) and metadata["step"] < self.local_step:
+        served_step = metadata.get("step") if isinstance(metadata, dict) else None
+        if isinstance(served_step, int) and served_step < self.local_step:
+            self._distrust_claims_ahead()
             self._download_failed(
                 f"the only state available is older (step {metadata['step']}) than this peer's (step {self.local_step})"
+            )
+            return False
+        if require_newer and served_step == self.local_step:
+            self._distrust_claims_ahead()
+            self._download_failed(
+                f"peers seem to be ahead, but the state they serve is at this peer's own step {self.local_step}"
             )
             return False
         with self._state_lock:  # parameters and step change together for peers downloading from this one
             try:
                 step = restore_state(self.opt, self.scheduler, metadata, tensors)
+            except IncompleteStateError as e:  # checked before anything is loaded: the local state is untouched
+                self._download_failed(f"{e} (the serving peer stopped mid-transfer); nothing was loaded")
+                return False
             except (ValueError, KeyError, TypeError) as e:
                 raise RuntimeError(f"{self.prefix}: the state downloaded from a peer cannot be loaded: {e}") from e
             self._set_local_step(step)
@@ -588,6 +635,27 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         self._announce()
         logger.log(self.status_loglevel, f"{self.prefix}: downloaded the collaboration's state at step {step}")
         return True
+
+    def _distrust_claims_ahead(self) -> None:
+        """No peer serves a state newer than this peer's: the records that claim to be ahead are not backed."""
+        view = self.tracker.view
+        present = {peer.peer_id for peer in view.peers}
+        self._unbacked_claims = {peer_id: t for peer_id, t in self._unbacked_claims.items() if peer_id in present}
+        for peer in view.peers_ahead_of(self.local_step):
+            self._unbacked_claims[peer.peer_id] = peer.time
+
+    def _peers_ahead(self, view: CollaborationView, step: int) -> list[PeerRecord]:
+        """Peers ahead of ``step`` (able to share state), except records already found not to be backed by a state."""
+        return [
+            peer
+            for peer in view.peers_ahead_of(step)
+            if peer.peer_id not in self._unbacked_claims or peer.time > self._unbacked_claims[peer.peer_id]
+        ]
+
+    def _steps_behind(self) -> int:
+        """How many steps the most advanced credible peer is ahead of this one (0 if none is)."""
+        ahead = self._peers_ahead(self.tracker.view, self.local_step)
+        return max((peer.step for peer in ahead), default=self.local_step) - self.local_step
 
     def _may_download(self) -> bool:
         """Whether an automatic state download may be tried now (after a failed one, attempts back off)."""
@@ -708,7 +776,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
     def _expected_in_round(self, view: CollaborationView, step: int) -> list[PeerRecord]:
         """Peers to wait for in this step's group: this one, its round mates, peers with samples at ``step``, peers
         that arrived at ``step`` (by a state download) after this peer did, and, for the collaboration's very first
-        step, every peer present.
+        step (or this peer's first step after a start from a checkpoint), every peer present.
 
         Other peers without samples (idle, or in the middle of a state download) are not waited for: if they train,
         their samples show up in time for a later step. The first step is the exception, because peers that start
@@ -717,7 +785,9 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         comes (it is then marked absent).
         """
         arrived_after = self._reached_step_at
-        first_step = step == 0 and view.epoch == 0
+        # the collaboration's first step, or the first one after all peers restarted from checkpoints (this peer
+        # has not stepped since it started and nobody is ahead): peers starting together must not race
+        first_step = view.epoch == step and (step == 0 or arrived_after is None)
         return [
             peer
             for peer in self._present_peers(view, step)
@@ -759,7 +829,8 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             except Exception as e:  # the DHT did not answer: keep training, try again at the next step()
                 logger.warning(f"{self.prefix}: could not read the collaboration's progress: {e!r}")
                 return None
-            if self._samples_toward_next_step(view) >= self.target_batch_size or view.peers_ahead_of(self.local_step):
+            reached = self._samples_toward_next_step(view) >= self.target_batch_size
+            if reached or self._peers_ahead(view, self.local_step):
                 return view
             # not there yet: wait (polling) only if the others will get there before this peer could finish another
             # micro-batch; computing one would overshoot the target and delay the step by a whole micro-batch
@@ -787,13 +858,18 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
 
     def _collaborative_step_locked(self, view: CollaborationView) -> None:
         step = self.local_step
-        ahead = view.peers_ahead_of(step)
+        ahead = self._peers_ahead(view, step)
         if ahead and self._may_download():
             logger.log(
                 self.status_loglevel,
                 f"{self.prefix}: {len(ahead)} peer(s) already took step {step}; downloading their state",
             )
-            self.load_state_from_peers()
+            self._catch_up()
+            return
+        if ahead:
+            # the last download attempt failed (no answer, or a partial state): stepping now would take a step the
+            # collaboration already took, from other parameters, and leave this peer at the others' step number
+            # with a different state. Keep accumulating until the next attempt.
             return
         group = self._expected_in_round(view, step)
         samples = self._accumulator.samples
@@ -812,7 +888,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         if gathered is not None:
             self._finish_step(gathered)
         elif self._missed_step:
-            self.load_state_from_peers()
+            self._catch_up()
         else:
             self._failed_rounds += 1
 
@@ -836,13 +912,26 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         return [param.grad for param in self._params]
 
     def _apply_optimizer_step(self, overflow: bool = False) -> None:
-        """``opt.step()`` with the gradients in ``param.grad``, unless some peer's fp16 gradients overflowed."""
+        """``opt.step()`` with the gradients in ``param.grad``, unless they contain inf/NaN.
+
+        With fp16 loss scaling an overflow flagged by any peer skips the step and backs the scale off. Any other
+        inf/NaN in the (averaged) gradient also skips the step, so that one faulty or malicious peer cannot make
+        every replica's parameters non-finite. Every member of a round sees the same averaged values, so all of
+        them skip together and stay identical.
+        """
         if self._scaling_loss:
             self._loss_scale.update(found_inf=overflow)  # type: ignore[union-attr]
-        self.last_step_overflowed = overflow
+        nonfinite = not overflow and not _all_finite(param.grad for param in self._params)
+        self.last_step_overflowed = overflow or nonfinite
         if overflow:
             self._overflow_steps += 1
             logger.warning(f"{self.prefix}: inf/NaN in the fp16 gradients of step {self.local_step}; skipping it")
+        elif nonfinite:
+            self._nonfinite_steps += 1
+            logger.warning(
+                f"{self.prefix}: the averaged gradient of step {self.local_step} contains inf/NaN (a peer sent "
+                "non-finite gradients); skipping this update on every peer of the round"
+            )
         else:
             self.opt.step()
         # the scheduler follows the step count, skipped or not, so that every peer's learning rate stays the same
@@ -906,6 +995,18 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             logger.warning(f"{self.prefix}: averaging group for step {step} contained peers at steps {steps}")
             return None
         self._note_absent_peers(group, gathered)
+        gathered_samples = sum(_sample_count(info) for info in gathered.values())
+        if self._group_size_cap is None and gathered_samples < self.target_batch_size:
+            # the view that triggered this round counted samples that did not come: a peer expected in the group
+            # never joined it, or a progress record overstated its samples. Applying the round would step before
+            # the collaboration accumulated target_batch_size samples; every member sees the same gathered counts,
+            # so all of them skip it together and keep accumulating.
+            self._short_rounds += 1
+            logger.warning(
+                f"{self.prefix}: the group for step {step} gathered {gathered_samples} of {self.target_batch_size} "
+                f"samples ({len(gathered)} of {len(group)} expected peers came); not applying it, accumulating more"
+            )
+            return None
         logger.log(
             self.status_loglevel,
             f"{self.prefix}: averaged step {step} with {len(gathered)} of {len(group)} expected peer(s) in "
@@ -924,7 +1025,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
                     raise
             if control.stage == AveragingStage.LOOKING_FOR_GROUP:
                 try:
-                    if self.tracker.fetch_now(timeout=self.request_timeout).peers_ahead_of(step):
+                    if self._peers_ahead(self.tracker.fetch_now(timeout=self.request_timeout), step):
                         return None
                 except (TimeoutError, FutureTimeoutError):
                     pass

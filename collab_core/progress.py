@@ -19,6 +19,7 @@ derived from the estimated time to the next step) with three changes that our pr
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,8 @@ logger = get_logger(__name__)
 
 #: records stamped further than this in the future (seconds) are not trusted
 MAX_CLOCK_SKEW = 60.0
+#: a libp2p peer id takes 34-39 bytes; longer ones in a record are not trusted (they only cost memory and time)
+MAX_PEER_ID_BYTES = 128
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class CollaborationTracker(ProgressTracker):
 
     def __init__(self, dht: DHT, prefix: str, target_batch_size: int, **kwargs: Any):
         self._known_peers: frozenset[bytes] = frozenset()
+        self._ignored_records: set[tuple[Any, str]] = set()  # (subkey, reason) already warned about
         self.last_published = -math.inf  # DHT time of the last record handed to the reporter thread
         super().__init__(dht, prefix, target_batch_size, **kwargs)
 
@@ -208,13 +212,16 @@ class CollaborationTracker(ProgressTracker):
                 try:
                     parsed = LocalTrainingProgress.parse_obj(value)
                 except Exception as e:  # a malformed record must not break the background thread
-                    logger.warning(f"Ignoring a malformed progress record under {self.training_progress_key}: {e!r}")
+                    self._ignore_record(subkey, f"malformed ({type(e).__name__})")
                     continue
                 if not math.isfinite(parsed.samples_per_second) or not math.isfinite(parsed.time):
-                    logger.warning(f"Ignoring a progress record with non-finite values from {subkey!r}")
+                    self._ignore_record(subkey, "non-finite values")
                     continue
                 if parsed.time > now + MAX_CLOCK_SKEW:
-                    logger.warning(f"Ignoring a progress record stamped in the future from {subkey!r}")
+                    self._ignore_record(subkey, "stamped in the future")
+                    continue
+                if len(parsed.peer_id) > MAX_PEER_ID_BYTES:
+                    self._ignore_record(subkey, f"an oversized peer id ({len(parsed.peer_id)} bytes)")
                     continue
                 if parsed.peer_id == local_id:
                     continue  # our own record may be stale: the current local progress replaces it below
@@ -240,6 +247,16 @@ class CollaborationTracker(ProgressTracker):
             )
         )
         return records
+
+    def _ignore_record(self, subkey: Any, reason: str) -> None:
+        """Skip a record: a warning the first time for this publisher and reason, DEBUG afterwards (no log flood)."""
+        first = (subkey, reason) not in self._ignored_records
+        if first and len(self._ignored_records) < 10_000:
+            self._ignored_records.add((subkey, reason))
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            f"Ignoring a progress record with {reason} under {self.training_progress_key} from {str(subkey)[:80]}",
+        )
 
     def _parse_swarm_progress_data(self, metadata: Any) -> CollaborationView:
         now = get_dht_time()
@@ -287,4 +304,4 @@ class CollaborationTracker(ProgressTracker):
         return view
 
 
-__all__ = ["CollaborationTracker", "CollaborationView", "PeerRecord", "MAX_CLOCK_SKEW"]
+__all__ = ["CollaborationTracker", "CollaborationView", "PeerRecord", "MAX_CLOCK_SKEW", "MAX_PEER_ID_BYTES"]

@@ -15,6 +15,10 @@ import torch
 STATE_FORMAT_VERSION = 1
 
 
+class IncompleteStateError(ValueError):
+    """A downloaded state has fewer tensors than its layout lists (the serving peer stopped mid-transfer)."""
+
+
 def _numbered_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [param for group in opt.param_groups for param in group["params"]]
 
@@ -71,7 +75,10 @@ def restore_state(
         )
     layout = metadata["optimizer_state_layout"]
     if len(tensors) != len(params) + sum(kind == "tensor" for _, _, kind, _ in layout):
-        raise ValueError("the downloaded state is incomplete: the number of tensors does not match its layout")
+        raise IncompleteStateError(
+            f"the downloaded state is incomplete: {len(tensors)} tensors instead of "
+            f"{len(params) + sum(kind == 'tensor' for _, _, kind, _ in layout)}"
+        )
 
     optimizer_state: dict[int, dict[str, Any]] = {}
     tensor_iter = iter(tensors[len(params) :])
@@ -90,4 +97,4 @@ def restore_state(
     return int(metadata["step"])
 
 
-__all__ = ["capture_state", "restore_state", "STATE_FORMAT_VERSION"]
+__all__ = ["capture_state", "restore_state", "IncompleteStateError", "STATE_FORMAT_VERSION"]
