@@ -296,6 +296,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         self._absent_peers: dict[bytes, float] = {}  # expected in a round but never came: peer id -> record time
         self._round_mates: dict[bytes, float] = {}  # peers of this peer's last step -> when it was taken (DHT time)
         self._reached_step_at: float | None = None  # when this peer reached its current step (None: never stepped)
+        self._last_round_reached: int | None = None  # the step that this peer's last round led to
         self._last_step_call: float | None = None
         self._seconds_per_call = 0.0  # moving average of the time between step() calls (this peer's micro-batch)
 
@@ -628,6 +629,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             self._set_local_step(step)
         self._state_downloads += 1
         self._download_backoff, self._next_download_at = 0.0, 0.0
+        self._last_round_reached = None
         # peers last seen one step earlier most likely produced this state and are at `step` too: count them in the
         # next group until their records catch up (as after a step taken together)
         now = self._reached_step_at = get_dht_time()
@@ -694,6 +696,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             if self.scheduler is not None and state_dict.get("scheduler") is not None:
                 self.scheduler.load_state_dict(state_dict["scheduler"])
             self._set_local_step(int(state_dict["local_step"]))
+            self._last_round_reached = None
         if not self._shutdown_done:
             self._announce()  # others must see this peer at its restored step, not at the one it was created at
 
@@ -702,12 +705,43 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         if self._shutdown_done:
             return
         self._shutdown_done = True
-        self.activity = "stopped"
+        try:
+            self._wait_for_round_mates()
+        finally:
+            self.activity = "stopped"
         try:
             self.tracker.shutdown(timeout=self.request_timeout)
         finally:
             if self._averager.is_alive():
                 self._averager.shutdown()
+
+    def _wait_for_round_mates(self) -> None:
+        """Before leaving, stay until the peers of this peer's last step have taken it too (bounded).
+
+        hivemind's all-reduce returns on a peer as soon as *it* has every averaged part; the parts it reduced for
+        its groupmates may still be on their way. A peer that shut its averager down right after its last step could
+        cut that delivery: a groupmate's round then failed, and it took the step again without this peer, from other
+        gradients, so the replicas differed. Waiting here lets the delivery finish, and a groupmate whose round failed
+        anyway finds this peer ahead and downloads its state (this peer still serves it while waiting). Mates that
+        left or reached this step end the wait; it never lasts longer than one more round after the step.
+        """
+        local_id = self.tracker.view.local_peer_id
+        mates = {peer_id for peer_id in self._last_round if peer_id != local_id}
+        if not mates or self._last_round_reached != self.local_step or not self._averager.is_alive():
+            return  # no groupmates, or this peer's state has changed since that round (download, checkpoint)
+        stepped_at = self._reached_step_at if self._reached_step_at is not None else get_dht_time()
+        deadline = stepped_at + self.matchmaking_time + self.averaging_timeout + 2 * self.request_timeout
+        self.activity = "leaving"
+        while get_dht_time() < deadline:
+            try:
+                view = self.tracker.fetch_now(timeout=self.request_timeout)
+            except Exception as e:  # the DHT did not answer: try again until the deadline
+                logger.debug(f"{self.prefix}: could not read the collaboration's progress: {e!r}")
+                continue
+            if not any(peer.peer_id in mates and peer.step < self.local_step for peer in view.peers):
+                return
+            time.sleep(ROUND_POLL_INTERVAL)
+        logger.warning(f"{self.prefix}: leaving while peers of step {self.local_step - 1} have not taken it yet")
 
     def __del__(self) -> None:
         try:
@@ -1042,6 +1076,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         now = self._reached_step_at = get_dht_time()
         self._round_mates = {peer_id: now for peer_id in gathered}
         self._set_local_step(self.local_step + 1)
+        self._last_round_reached = self.local_step
 
     def _announce(self) -> None:
         """Tell the others at once that this peer is at its current step (so that they count it in)."""

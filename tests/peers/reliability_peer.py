@@ -2,7 +2,8 @@
 
 Faults (each a flag): SIGKILL right after a collaborative step, SIGKILL inside an all-reduce, an averager that
 stalls longer than ``averaging_timeout`` at one step, a peer that dies while serving its state to a joiner, NaN
-gradients at one step. Lifecycle: ``--hold`` waits after ``--steps`` (optimizer, averager and DHT alive) until a
+gradients at one step, a round that fails on this peer only.
+Lifecycle: ``--hold`` waits after ``--steps`` (optimizer, averager and DHT alive) until a
 signal; ``--steps 0`` trains until a signal. SIGINT (Python's default handler, i.e. ``KeyboardInterrupt``) and
 SIGTERM both make the peer leave cleanly: it saves ``--checkpoint``, shuts down the optimizer and the DHT and writes
 its results. ``--resume`` restores a checkpoint before training. Results (``--out``, a torch file) hold per-step
@@ -21,6 +22,7 @@ import typing
 import psutil
 import torch
 from core_peer import barrier, die_during_allreduce, make_model, make_optimizer, make_scheduler, snapshot
+from hivemind.averaging.allreduce import AllreduceException
 
 from collab_core import CollaborativeOptimizer, CollaborativeSettings, start_dht
 from collab_core.averager import CollaborativeAverager
@@ -90,6 +92,25 @@ def bad_state_server(after_parts: int) -> None:
     CollaborativeAverager.rpc_download_state = serve_then_fail
 
 
+def fail_round_after_exchange(at_step: int) -> None:
+    """Test hook: the all-reduce of step ``at_step`` fails on this peer after every part was exchanged.
+
+    Its groupmates got their results and took the step; this peer did not (as when the last message of a round is
+    lost). Patched before the averager process forks, so it runs there.
+    """
+    original = CollaborativeAverager._run_allreduce_inplace_
+    fired = []
+
+    async def exchange_then_fail(self, tensors, group_info, *args, **kwargs):
+        await original(self, tensors, group_info, *args, **kwargs)
+        if not fired and _round_step(self, group_info) == at_step:
+            fired.append(True)
+            print(f"round hook: failing the all-reduce of step {at_step} after the exchange", flush=True)
+            raise AllreduceException(f"test hook: the round of step {at_step} failed on this peer only")
+
+    CollaborativeAverager._run_allreduce_inplace_ = exchange_then_fail
+
+
 def offset_state_priority(offset: float) -> None:
     """Test hook: announce ``step + offset`` as this peer's state-sharing priority (downloads try high ones first).
 
@@ -147,6 +168,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stall-seconds", type=float, default=0.0)
     parser.add_argument("--bad-state-server", type=int, default=-1, help="truncate, then die while serving state")
     parser.add_argument("--state-priority-offset", type=float, default=0.0, help="serve downloads first/last")
+    parser.add_argument("--fail-round-at-step", type=int, default=-1, help="only this peer's round of it fails")
     parser.add_argument("--nan-at-step", type=int, default=-1, help="send NaN gradients toward this step")
     return parser.parse_args()
 
@@ -160,6 +182,8 @@ def install_hooks(args: argparse.Namespace) -> None:
         bad_state_server(args.bad_state_server)
     if args.state_priority_offset:
         offset_state_priority(args.state_priority_offset)
+    if args.fail_round_at_step >= 0:
+        fail_round_after_exchange(args.fail_round_at_step)
 
 
 class Recorder:

@@ -13,7 +13,7 @@ import signal
 import pytest
 from peer_processes import PeerSet, bootstrap_dht, collab_env
 
-from .support import all_finite, longest_gap, max_replica_diff, peer_args, start
+from .support import all_finite, longest_gap, max_replica_diff, peer_args, snapshot_diff, start
 
 pytestmark = pytest.mark.slow
 
@@ -144,3 +144,35 @@ def test_peer_missing_an_allreduce_resynchronizes(tmp_path):
     assert later, "the staller never contributed again"
     assert worst <= 1e-6  # ... and no replica ever drifted: every step any two peers share is identical
     assert all(all_finite(result) for result in results.values())
+
+
+def test_peer_leaving_right_after_its_last_step_stays_until_its_groupmates_have_it(tmp_path):
+    """A peer that finishes (and shuts down) right after a step waits until its groupmates have that step too.
+
+    The other peer's round of the last step fails after the exchange (as when hivemind's last message of a round is
+    lost: the leaving peer's all-reduce returns once *it* has its parts). Had the leaver shut down at once, the other
+    peer would retry the step alone, from other gradients, and end with different weights (what the demo showed
+    under load); the leaver stays, so the other peer downloads its state instead.
+    """
+    steps = 3
+    with bootstrap_dht() as dht:
+        env = collab_env(dht, "leaving", target_batch_size=96, averaging_timeout=5, matchmaking_time=2)
+        with PeerSet(tmp_path, env) as peers:
+            leaver = start(peers, "leaver", peer_args(32, 1, steps=steps, peers=2))
+            stayer = start(
+                peers, "stayer", peer_args(16, 2, "--fail-round-at-step", str(steps - 1), steps=steps, peers=2)
+            )
+            peers.wait([leaver, stayer], timeout=TIMEOUT)
+            assert "round hook" in stayer.log_text()
+            results = {"leaver": leaver.result(), "stayer": stayer.result()}
+    leaver_result, stayer_result = results["leaver"], results["stayer"]
+    difference = snapshot_diff(leaver_result["final"], stayer_result["final"])
+    state = stayer_result["collaboration_state"]
+    print(
+        f"\nleaving right after a step: stayer at step {stayer_result['local_step']}, failed rounds "
+        f"{state['failed_rounds']}, downloads {state['state_downloads']}, final difference to the leaver "
+        f"{difference:.2e}"
+    )
+    assert leaver_result["local_step"] == stayer_result["local_step"] == steps
+    assert state["failed_rounds"] == 1 and state["state_downloads"] == 1  # it got the last step from the leaver
+    assert difference <= 1e-6
