@@ -75,8 +75,9 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
     def step_was_skipped(self) -> bool:
         """Whether the last ``step()`` call did *not* apply a collaborative update to the parameters.
 
-        True on accumulation (non-sync) calls, on calls that only reported samples, on a skipped fp16 overflow step
-        and on a call that downloaded the collaboration's state instead of stepping.
+        True on accumulation (non-sync) calls, on calls that only reported samples, on a step whose update was
+        skipped (fp16 overflow, or inf/NaN in the averaged gradient) and on a call that downloaded the collaboration's
+        state instead of stepping.
         """
         return self._skipped
 
@@ -167,7 +168,8 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
         state = collaborative.collaboration_state
         changed = collaborative.local_step != step_before
         downloaded = state.state_downloads != before.state_downloads
-        overflow = getattr(state, "overflow_steps", 0) != getattr(before, "overflow_steps", 0)  # fp16: skipped by all
+        # fp16 overflow, or inf/NaN in the averaged gradient: the round's update was skipped by all of its members
+        overflow = (state.overflow_steps, state.nonfinite_steps) != (before.overflow_steps, before.nonfinite_steps)
         scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 0.0
         return StepOutcome(
             updated=changed and not downloaded and not overflow,

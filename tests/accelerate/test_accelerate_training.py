@@ -77,6 +77,34 @@ def test_step_was_skipped_true_exactly_on_calls_without_update(dht, run_id):
     assert trained.optimizer.num_peers == 1
 
 
+def test_step_with_non_finite_gradients_is_reported_as_skipped(dht, run_id):
+    """A collaborative step whose (averaged) gradient holds NaN is taken without an update: step_was_skipped."""
+    accelerator = Accelerator()
+    model, optimizer, scheduler = collaborative_peer(accelerator, dht, run_id, 16)
+    model, optimizer, data, scheduler = accelerator.prepare(model, optimizer, loader(32, BATCH), scheduler)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    skipped, steps = [], []
+    try:
+        before = [p.detach().clone() for p in model.parameters()]
+        for call, (_, x, y) in enumerate(data):
+            with accelerator.accumulate(model):
+                accelerator.backward(loss_fn(model(x), y))
+                if call == 1:  # the call that completes the first collaborative step
+                    next(model.parameters()).grad.fill_(float("nan"))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            skipped.append(optimizer.step_was_skipped)
+            steps.append(optimizer.collaborative_step)
+            if call == 1:
+                assert max_diff(before, [p.detach() for p in model.parameters()]) == 0.0  # no update applied
+    finally:
+        optimizer.shutdown()
+    assert steps == [0, 1, 1, 2]  # the NaN step still counts (every peer of the round skips it alike) ...
+    assert skipped == [True, True, True, False]  # ... but it is not an update
+    assert optimizer.collaborative_optimizer.collaboration_state.nonfinite_steps == 1
+
+
 def test_prepare_collaborative_rejects_wrong_arguments(dht, run_id):
     accelerator = Accelerator()
     plain = make_optimizer(make_model(0).parameters())
