@@ -20,6 +20,7 @@ The strategy only translates Lightning's configuration and hooks; every collabor
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -41,6 +42,8 @@ logger = get_logger(__name__)
 
 STRATEGY_NAME = "collaborative"
 STRATEGY_DESCRIPTION = "Collaborative training over the internet with hivemind (collab-training)"
+#: between the steps the loggers write, refresh the ``collab/*`` metrics for the progress bar this often (seconds)
+METRICS_REFRESH_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,7 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         self.collaborative_optimizer: CollaborativeOptimizer | None = None
         self._grad_scaler: Any = None
         self._pending_samples = 0
+        self._metrics_logged_at = float("-inf")
         self._patched_module: Any = None
 
     # ------------------------------------------------------------------ what users read
@@ -346,10 +350,26 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
 
     def _log_metrics(self) -> None:
         module = self.lightning_module
-        if module is None or self.collaborative_optimizer is None:
+        if module is None or self.collaborative_optimizer is None or not self._metrics_due(module.trainer):
             return
+        self._metrics_logged_at = time.monotonic()
         for name, value in collaboration_metrics(self.collaborative_optimizer).items():
             module.log(name, value, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR_METRICS, batch_size=1)
+
+    def _metrics_due(self, trainer: Any) -> bool:
+        """Whether to log the ``collab/*`` metrics at this optimizer step.
+
+        ``LightningModule.log`` costs about half a millisecond per call, several per optimizer step: as much as the
+        collaborative optimizer's own work per micro-batch. So the metrics are logged on the steps whose metrics
+        the loggers write (``log_every_n_steps``) and, for the progress bar, at most every
+        ``METRICS_REFRESH_SECONDS``.
+        """
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is None or getattr(connector, "should_update_logs", True):
+            return True
+        if getattr(trainer, "progress_bar_callback", None) is None:
+            return False
+        return time.monotonic() - self._metrics_logged_at >= METRICS_REFRESH_SECONDS
 
     def _samples_in(self, batch: Any) -> int:
         if self.settings.batch_size is not None:
