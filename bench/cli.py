@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--w3-params", type=int, default=25_000_000)
     parser.add_argument("--w3-measure", type=int, default=10, help="W3's measured steps (each takes seconds)")
     parser.add_argument("--w4-peers", type=_ints, default=(1, 2, 3, 4))
+    parser.add_argument("--w5-rounds", type=int, default=3, help="W5: runs of each side, taken in turn, pooled")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per measurement (W3: 3x) before it fails")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go")
     parser.add_argument("--workdir", type=Path, default=None, help="peer logs and records (default: a temp dir)")
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace, initial_peers: list[str], workdir: Path) -> tu
         w3_params=args.w3_params,
         w3_measure=args.w3_measure,
         w4_peers=args.w4_peers,
+        w5_rounds=args.w5_rounds,
         timeout=args.timeout,
     )
     results: dict[str, Result] = {}
