@@ -74,11 +74,9 @@ def restore_state(
             f"({len(metadata['param_shapes'])} tensors vs {len(shapes)} here). Do all peers train the same model?"
         )
     layout = metadata["optimizer_state_layout"]
-    if len(tensors) != len(params) + sum(kind == "tensor" for _, _, kind, _ in layout):
-        raise IncompleteStateError(
-            f"the downloaded state is incomplete: {len(tensors)} tensors instead of "
-            f"{len(params) + sum(kind == 'tensor' for _, _, kind, _ in layout)}"
-        )
+    expected = len(params) + sum(kind == "tensor" for _, _, kind, _ in layout)
+    if len(tensors) != expected:
+        raise IncompleteStateError(f"the downloaded state is incomplete: {len(tensors)} tensors instead of {expected}")
 
     optimizer_state: dict[int, dict[str, Any]] = {}
     tensor_iter = iter(tensors[len(params) :])
