@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import hivemind
 import torch
+
+from bench.processes import stop_group as stop_process_group  # one implementation for tests and benchmarks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORE_PEER = REPO_ROOT / "tests" / "peers" / "core_peer.py"
@@ -35,25 +36,6 @@ class Peer:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
-def stop_process_group(process: subprocess.Popen, grace: float = 5.0) -> None:
-    """SIGTERM the peer's whole process group (its DHT, averager and p2p daemon too), then SIGKILL."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # children outlive a dead leader: always sweep the group
-    except ProcessLookupError:
-        pass
-    if process.poll() is None:
-        process.wait(grace)
 
 
 class PeerSet:
