@@ -55,13 +55,14 @@ class Recorder:
         os.replace(self.out + ".tmp", self.out)
 
 
-def barrier(dht: Any, key: str, name: str, expected: int) -> None:
-    """Wait until ``expected`` peers stored themselves under ``key`` (a DHT record per peer)."""
+def barrier(dht: Any, key: str, name: str, expected: int, timeout: float = BARRIER_TIMEOUT) -> None:
+    """Wait until ``expected`` peers stored themselves under ``key`` (a DHT record per peer); used by the test
+    peers too."""
     dht.store(key, subkey=name, value=True, expiration_time=get_dht_time() + 600)
-    deadline = time.monotonic() + BARRIER_TIMEOUT
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = dht.get(key, latest=True)
         if found is not None and isinstance(found.value, dict) and len(found.value) >= expected:
             return
         time.sleep(0.02)
-    raise TimeoutError(f"barrier {key}: fewer than {expected} peers within {BARRIER_TIMEOUT}s")
+    raise TimeoutError(f"barrier {key}: fewer than {expected} peers arrived within {timeout}s")

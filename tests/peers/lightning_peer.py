@@ -19,19 +19,15 @@ import time
 import torch
 from hivemind.utils import get_dht_time
 
+from bench.recorder import barrier as shared_barrier
+
 BARRIER_TIMEOUT = 60.0
 FEATURES, CLASSES = 8, 4
 
 
 def barrier(dht, key: str, name: str, expected: int) -> None:
-    dht.store(key, subkey=name, value=True, expiration_time=get_dht_time() + 600)
-    deadline = time.monotonic() + BARRIER_TIMEOUT
-    while time.monotonic() < deadline:
-        found = dht.get(key, latest=True)
-        if found is not None and isinstance(found.value, dict) and len(found.value) >= expected:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"barrier {key}: fewer than {expected} peers arrived within {BARRIER_TIMEOUT}s")
+    """Wait (at most ``BARRIER_TIMEOUT`` s) until ``expected`` peers arrived at ``key`` (the benchmarks' barrier)."""
+    shared_barrier(dht, key, name, expected, timeout=BARRIER_TIMEOUT)
 
 
 def make_data(seed: int, samples: int) -> torch.utils.data.TensorDataset:
