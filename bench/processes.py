@@ -64,6 +64,31 @@ def stop_group(process: subprocess.Popen, grace: float = 5.0) -> None:
         process.wait(grace)
 
 
+def peer_env(*layers: dict[str, str] | None) -> dict[str, str]:
+    """This process' environment with ``layers`` on top, unbuffered output and the repository on ``PYTHONPATH``."""
+    env = {**os.environ}
+    for layer in layers:
+        env.update(layer or {})
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def launch_logged(command: Sequence[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start ``command`` in the repository, in its own session (so :func:`stop_group` ends its children too), with
+    stdout and stderr going to ``log``."""
+    with open(log, "wb") as log_file:
+        return subprocess.Popen(
+            list(command),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+
+
 class PeerGroup:
     """Peers of one measurement: ``with PeerGroup(workdir, env) as group: group.start(...); group.wait()``."""
 
@@ -75,19 +100,9 @@ class PeerGroup:
     def start(self, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> Launched:
         """Start ``python -m bench.peer --name NAME --out ... ARGS`` in its own session."""
         log, out = self.workdir / f"{name}.log", self.workdir / f"{name}.json"
-        full_env = {**os.environ, **self.env, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), full_env.get("PYTHONPATH")]))
-        with open(log, "wb") as log_file:
-            launched_at = time.time()
-            process = subprocess.Popen(
-                [sys.executable, "-m", "bench.peer", "--name", name, "--out", str(out), *args],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=full_env,
-                cwd=REPO_ROOT,
-                start_new_session=True,
-            )
+        launched_at = time.time()
+        command = [sys.executable, "-m", "bench.peer", "--name", name, "--out", str(out), *args]
+        process = launch_logged(command, log, peer_env(self.env, env))
         peer = Launched(name, process, log, out, launched_at)
         self.peers.append(peer)
         return peer

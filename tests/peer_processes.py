@@ -14,7 +14,8 @@ from pathlib import Path
 import hivemind
 import torch
 
-from bench.processes import stop_group as stop_process_group  # one implementation for tests and benchmarks
+from bench.processes import launch_logged, peer_env  # one implementation for tests and benchmarks
+from bench.processes import stop_group as stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORE_PEER = REPO_ROOT / "tests" / "peers" / "core_peer.py"
@@ -38,6 +39,25 @@ class Peer:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+def run_to_completion(command: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``command`` in the repository in its own session; its exit status and output (stdout + stderr). Its whole
+    process group is ended afterwards, also on timeout or failure."""
+    process = subprocess.Popen(
+        list(command),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        stop_process_group(process)
+    return process.returncode, output
+
+
 class PeerSet:
     """Launches peers; use as ``with PeerSet(tmp_path, env) as peers: ...``; everything is stopped on exit."""
 
@@ -46,18 +66,8 @@ class PeerSet:
 
     def start(self, name: str, args: Sequence[str], env: dict[str, str] | None = None, script: Path = CORE_PEER):
         log, out = self.workdir / f"{name}.log", self.workdir / f"{name}.pt"
-        full_env = {**os.environ, **self.env, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), full_env.get("PYTHONPATH")]))
-        with open(log, "wb") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, str(script), "--name", name, "--out", str(out), *args],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=full_env,
-                cwd=REPO_ROOT,
-                start_new_session=True,
-            )
+        command = [sys.executable, str(script), "--name", name, "--out", str(out), *args]
+        process = launch_logged(command, log, peer_env(self.env, env))
         peer = Peer(name, process, log, out)
         self.peers.append(peer)
         return peer

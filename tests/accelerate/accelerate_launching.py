@@ -7,7 +7,6 @@ rendezvous port, so several multi-process peers can run at once.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peer_processes import REPO_ROOT, stop_process_group
+from peer_processes import REPO_ROOT, launch_logged, peer_env, stop_process_group
 
 ACCELERATE_PEER = REPO_ROOT / "tests" / "peers" / "accelerate_peer.py"
 
@@ -84,8 +83,7 @@ class LaunchedPeers:
         pass_name: bool = True,
     ) -> LaunchedPeer:
         log, out = self.workdir / f"{name}.log", self.workdir / f"{name}.pt"
-        full_env = {**os.environ, **self.env, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), full_env.get("PYTHONPATH")]))
+        full_env = peer_env(self.env, env)
         full_env["HF_HOME"] = str(self.workdir / "hf_home")  # no user-level accelerate config file
         full_env.setdefault("OMP_NUM_THREADS", "1")  # 2 cores shared by every process of every peer
         if num_processes > 1:
@@ -93,16 +91,7 @@ class LaunchedPeers:
         command = launch_command(script, num_processes, launcher, launch_args)
         if pass_name:
             command += ["--name", name, "--out", str(out)]
-        with open(log, "wb") as log_file:
-            process = subprocess.Popen(
-                [*command, *args],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=full_env,
-                cwd=REPO_ROOT,
-                start_new_session=True,
-            )
+        process = launch_logged([*command, *args], log, full_env)
         peer = LaunchedPeer(name, process, log, out, num_processes)
         self.peers.append(peer)
         return peer

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from peer_processes import LOOPBACK, REPO_ROOT, PeerSet, stop_process_group
+from peer_processes import LOOPBACK, REPO_ROOT, PeerSet, run_to_completion
 
 TRAIN = REPO_ROOT / "examples" / "lightning" / "train.py"
 CONFIG = REPO_ROOT / "examples" / "lightning" / "config.yaml"
@@ -55,20 +53,12 @@ def test_two_lightning_cli_peers_from_the_yaml_config(tmp_path):
 
 
 def test_strategy_help_shows_the_docstrings():
-    process = subprocess.Popen(
+    returncode, output = run_to_completion(
         [sys.executable, str(TRAIN), "fit", "--trainer.strategy.help", "lightning_collab.CollaborativeStrategy"],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=120,
+        env={"PYTHONPATH": str(REPO_ROOT)},
     )
-    try:
-        output, _ = process.communicate(timeout=120)
-    finally:
-        stop_process_group(process)
-    assert process.returncode == 0, output
+    assert returncode == 0, output
     assert "--trainer.strategy.target_batch_size" in output
     assert "Samples all peers accumulate together" in " ".join(output.split())
     assert "--trainer.strategy.client_mode" in output
