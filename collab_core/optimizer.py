@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -93,6 +93,8 @@ class CollaborationState:
         last_round_peers: peers that took part in this peer's last collaborative step.
         last_round_samples: samples averaged in that step.
         last_round_participants: DHT peer ids (base58) of those peers, this one included.
+        last_round_contributions: samples each of those peers contributed to that step, by DHT peer id (base58);
+            summing them over steps gives a leaderboard of contributions.
         samples_per_second: the whole collaboration's throughput, by the peers' reports (last view).
     """
 
@@ -113,6 +115,7 @@ class CollaborationState:
     samples_per_second: float = 0.0
     nonfinite_steps: int = 0
     short_rounds: int = 0
+    last_round_contributions: dict[str, int] = field(default_factory=dict)
 
 
 def _all_finite(tensors: Iterator[torch.Tensor | None]) -> bool:
@@ -448,6 +451,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
     def collaboration_state(self) -> CollaborationState:
         """This peer's view of the collaboration (see :class:`CollaborationState`)."""
         view = self.tracker.view
+        contributions = {PeerID(peer_id).to_base58(): _sample_count(info) for peer_id, info in self._last_round.items()}
         return CollaborationState(
             optimizer_step=self.local_step,
             global_step=view.epoch,
@@ -461,8 +465,9 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             state_downloads=self._state_downloads,
             overflow_steps=self._overflow_steps,
             last_round_peers=len(self._last_round),
-            last_round_samples=sum(info["samples"] for info in self._last_round.values()),
-            last_round_participants=tuple(PeerID(peer_id).to_base58() for peer_id in self._last_round),
+            last_round_samples=sum(contributions.values()),
+            last_round_participants=tuple(contributions),
+            last_round_contributions=contributions,
             samples_per_second=float(view.samples_per_second),
             nonfinite_steps=self._nonfinite_steps,
             short_rounds=self._short_rounds,

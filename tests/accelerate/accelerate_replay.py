@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from peers.accelerate_peer import make_data, make_model, make_optimizer, make_scheduler
+from round_contributions import round_contributions, sent_in_round
 
 
 def max_diff(tensors_a, tensors_b) -> float:
@@ -11,17 +12,20 @@ def max_diff(tensors_a, tensors_b) -> float:
 
 
 def contributions(peers: dict[str, list[dict]], step: int) -> dict[str, torch.Tensor]:
-    """Sample indices each peer contributed to collaborative ``step`` (all its local processes together)."""
-    participants = set()
-    for ranks in peers.values():
-        participants |= set(ranks[0]["participants"].get(step, ()))
-    assert participants, f"no peer recorded taking step {step}"
+    """Sample indices each peer contributed to collaborative ``step`` (all its local processes together).
+
+    A peer's local processes compute one micro-batch each per call, so the round sent a prefix of those calls.
+    """
+    averaged = round_contributions((ranks[0] for ranks in peers.values()), step)
     found = {}
     for name, ranks in peers.items():
-        if ranks[0]["peer_id"] not in participants:
+        if ranks[0]["peer_id"] not in averaged:
             continue
-        indices = [index for rank in ranks for (k, index) in rank["micro_batches"] if k == step]
-        found[name] = torch.cat(indices)
+        per_rank = ([index for (k, index) in rank["micro_batches"] if k == step] for rank in ranks)
+        calls = list(zip(*per_rank, strict=True))
+        samples, took_step = averaged[ranks[0]["peer_id"]], step in ranks[0]["contributions"]
+        sent = sent_in_round(calls, samples, lambda call: sum(map(len, call)), took_step=took_step)
+        found[name] = torch.cat([index for call in sent for index in call])
     return found
 
 

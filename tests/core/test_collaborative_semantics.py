@@ -13,6 +13,7 @@ import pytest
 import torch
 from peer_processes import PeerSet, bootstrap_dht, collab_env
 from peers.core_peer import make_model, make_optimizer, make_scheduler
+from round_contributions import contributed_batches, round_contributions
 
 TIMEOUT = 240
 
@@ -34,13 +35,6 @@ def run_peers(tmp_path, run_id, peer_specs, timeout=TIMEOUT, **settings):
         return {peer.name: peer.result() for peer in started}
 
 
-def contributors(results: dict, step: int) -> list[dict]:
-    """The peers whose gradients step ``step`` averaged, as recorded by the peers that took that step."""
-    participants = set().union(*(r["participants"].get(step, set()) for r in results.values()))
-    assert participants, f"no peer recorded taking step {step}"
-    return [r for r in results.values() if r["peer_id"] in participants]
-
-
 def replay_single_process(results: dict, optimizer: str, steps: int, scheduler: bool):
     """Train one model on every contributed micro-batch of each collaborative step as one large batch."""
     model = make_model(0)
@@ -48,7 +42,7 @@ def replay_single_process(results: dict, optimizer: str, steps: int, scheduler: 
     sched = make_scheduler(opt) if scheduler else None
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
     for step in range(steps):
-        batches = [(x, y) for r in contributors(results, step) for (k, x, y) in r["micro_batches"] if k == step]
+        batches = [batch for sent in contributed_batches(results, step, "micro_batches").values() for batch in sent]
         total = sum(len(x) for x, _ in batches)
         opt.zero_grad()
         loss = sum(loss_fn(model(x), y) for x, y in batches) / total
@@ -104,8 +98,8 @@ def test_solo_peer_updates_exactly_when_target_reached(tmp_path):
 def test_every_step_has_target_samples_from_several_peers(three_peers):
     peers_per_step = Counter()
     for step in range(STEPS):
-        peers = contributors(three_peers, step)
-        samples = sum(len(x) for r in peers for k, x, _ in r["micro_batches"] if k == step)
+        peers = contributed_batches(three_peers, step, "micro_batches")
+        samples = sum(len(x) for sent in peers.values() for x, _ in sent)
         assert samples >= TARGET, (step, samples)
         peers_per_step[step] = len(peers)
     # the promise being tested is the averaging: most steps must really combine all three peers
@@ -118,6 +112,32 @@ def test_update_equals_single_process_large_batch(three_peers):
         diff = _max_diff(result["final"]["params"], list(model.parameters()))
         print(f"{result['name']}: max |peer - single-process replay| = {diff:.3e}")
         assert diff <= 1e-5
+
+
+def test_peer_whose_round_failed_on_its_side_downloads_and_the_update_stays_exact(tmp_path):
+    """Step 2's all-reduce fails on p1 only, after every part was exchanged: p0 applies it, p1 does not.
+
+    p1 must re-synchronise by downloading p0's state (not by averaging its step-2 gradients again), and every update,
+    step 2 included, must equal the single-process replay of exactly the samples each round averaged. The micro-batches
+    p1 computed at step 2 after its round were in no round (``round_contributions`` tells them apart).
+    """
+    steps = 5
+    specs = [_peer("p0", 32, 200, steps, peers=2), _peer("p1", 16, 201, steps, "--fail-round-at-step", "2", peers=2)]
+    results = run_peers(
+        tmp_path, "failed_on_one", specs, target_batch_size=96, averaging_timeout=20, matchmaking_time=3
+    )
+    failing = results["p1"]["collaboration_state"]
+    assert failing["failed_rounds"] == 1 and failing["state_downloads"] == 1, failing
+    assert results["p0"]["collaboration_state"]["failed_rounds"] == 0
+    averaged = round_contributions(results.values(), 2)
+    assert set(averaged) == {r["peer_id"] for r in results.values()}, "step 2 averaged both peers"
+    recorded = sum(len(x) for k, x, _ in results["p1"]["micro_batches"] if k == 2)
+    after_round = recorded - averaged[results["p1"]["peer_id"]]
+    print(f"p1 computed {after_round} samples at step 2 after its failed round (in no round)")
+    model, _ = replay_single_process(results, "sgd", steps, scheduler=False)
+    for result in results.values():
+        assert result["local_step"] == steps
+        assert _max_diff(result["final"]["params"], list(model.parameters())) <= 1e-5
 
 
 def test_replicas_identical_after_every_step(three_peers):

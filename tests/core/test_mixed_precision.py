@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peers.core_peer import make_model, make_optimizer
+from round_contributions import contributed_batches
 
 from collab_core import CollaborativeAdaptiveOptimizer
 from collab_core.amp import LossScaleKeeper
-from core.test_collaborative_semantics import _max_diff, _peer, contributors, run_peers
+from core.test_collaborative_semantics import _max_diff, _peer, run_peers
 
 STEPS = 6
 OVERFLOW_STEP = 2
@@ -26,7 +27,7 @@ def _replay_skipping(results: dict, skipped_step: int):
     for step in range(STEPS):
         if step == skipped_step:
             continue
-        batches = [(x, y) for r in contributors(results, step) for (k, x, y) in r["micro_batches"] if k == step]
+        batches = [batch for sent in contributed_batches(results, step, "micro_batches").values() for batch in sent]
         opt.zero_grad()
         (sum(loss_fn(model(x), y) for x, y in batches) / sum(len(x) for x, _ in batches)).backward()
         opt.step()

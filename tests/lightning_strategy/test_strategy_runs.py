@@ -14,6 +14,7 @@ import pytest
 import torch
 from peer_processes import REPO_ROOT, PeerSet, bootstrap_dht, collab_env
 from peers.lightning_peer import lr_factor, make_net
+from round_contributions import contributed_batches, round_contributions
 
 from collab_core.metrics import METRIC_DESCRIPTIONS, PROGRESS_BAR_METRICS
 
@@ -37,19 +38,13 @@ def max_diff(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
-def contributors(results: dict, step: int) -> list[dict]:
-    ids = set().union(*(r["participants"].get(step, set()) for r in results.values()))
-    assert ids, f"no peer recorded taking step {step}"
-    return [r for r in results.values() if r["peer_id"] in ids]
-
-
 def replay(results: dict, steps: int) -> torch.nn.Module:
     """One process trains on every contributed batch of each collaborative step as one large batch."""
     net = make_net()
     opt = torch.optim.SGD(net.parameters(), lr=BASE_LR, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     for step in range(steps):
-        batches = [(x, y) for r in contributors(results, step) for (k, x, y) in r["batches"] if k == step]
+        batches = [batch for sent in contributed_batches(results, step, "batches").values() for batch in sent]
         opt.zero_grad()
         total = sum(len(x) for x, _ in batches)
         (sum(torch.nn.functional.cross_entropy(net(x), y, reduction="sum") for x, y in batches) / total).backward()
@@ -61,16 +56,20 @@ def replay(results: dict, steps: int) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------------------ lockstep run
 
 STEPS = 6
+FAILED_ON_P1 = 3
 
 
 @pytest.fixture(scope="module")
 def lockstep(tmp_path_factory):
-    """3 Trainers configured only by COLLAB_* variables; batch sizes 16 (x2 accumulation), 8 and 12; one client."""
+    """3 Trainers configured only by COLLAB_* variables; batch sizes 16 (x2 accumulation), 8 and 12; one client.
+
+    The all-reduce of step ``FAILED_ON_P1`` fails on p1 only, after the exchange (the others apply it).
+    """
     workdir = tmp_path_factory.mktemp("lockstep")
     common = ["--peers", "3", "--steps", str(STEPS), "--scheduler", "step"]
     specs = [
         ("p0", [*common, "--batch-size", "16", "--accumulate", "2", "--data-seed", "1", "--csv-dir", str(workdir)], {}),
-        ("p1", [*common, "--batch-size", "8", "--data-seed", "2"], {}),
+        ("p1", [*common, "--batch-size", "8", "--data-seed", "2", "--fail-round-at-step", str(FAILED_ON_P1)], {}),
         ("p2", [*common, "--batch-size", "12", "--data-seed", "3"], {"COLLAB_CLIENT_MODE": "1"}),
     ]
     results = run_lightning_peers(
@@ -103,8 +102,23 @@ def test_reported_samples_match_single_process_replay(lockstep):
     reference = replay(lockstep, STEPS)
     for result in lockstep.values():
         assert max_diff(result["final"], list(reference.parameters())) <= 1e-5
-    samples = [len(x) for r in contributors(lockstep, 0) for (k, x, _y) in r["batches"] if k == 0]
+    samples = [len(x) for sent in contributed_batches(lockstep, 0, "batches").values() for x, _y in sent]
     assert sum(samples) >= 96
+
+
+@pytest.mark.slow
+def test_peer_whose_round_failed_on_its_side_downloads_and_its_later_batches_count_nowhere(lockstep):
+    p1 = lockstep["p1"]
+    assert "round hook" in p1["log"]
+    assert p1["collaboration_state"]["failed_rounds"] == 1 and p1["collaboration_state"]["state_downloads"] == 1
+    # it left the failed step by a download (to step FAILED_ON_P1 + 1, or later if the others had moved on meanwhile)
+    left_failed_step = min(step for step in p1["per_step"] if step > FAILED_ON_P1)
+    assert p1["per_step"][left_failed_step]["downloaded"]
+    averaged = round_contributions(lockstep.values(), FAILED_ON_P1)
+    assert p1["peer_id"] in averaged, "the others applied the round with p1's samples in it"
+    # the batch whose step() found the others ahead (and downloaded) was computed at the failed step, in no round
+    recorded = sum(len(x) for k, x, _y in p1["batches"] if k == FAILED_ON_P1)
+    assert recorded > averaged[p1["peer_id"]]
 
 
 @pytest.mark.slow

@@ -172,6 +172,7 @@ def main() -> int:
     micro_batches: list[tuple[int, torch.Tensor]] = []
     lrs_used: dict[int, float] = {}
     participants: dict[int, list[str]] = {}
+    contributions: dict[int, dict[str, int]] = {}
     round_samples: dict[int, int] = {}
     scales: list[float] = []
     started = time.monotonic()
@@ -223,6 +224,7 @@ def main() -> int:
                 if collaborative is not None:
                     state = collaborative.collaboration_state
                     participants[step_before] = list(state.last_round_participants)
+                    contributions[step_before] = dict(state.last_round_contributions)
                     round_samples[step_before] = state.last_round_samples
             if args.save_state_at >= 0 and optimizer.collaborative_step >= args.save_state_at:
                 accelerator.save_state(args.checkpoint_dir)
@@ -248,6 +250,7 @@ def main() -> int:
         "micro_batches": micro_batches,
         "lrs_used": lrs_used,
         "participants": participants,
+        "contributions": contributions,
         "round_samples": round_samples,
         "scales": scales,
         "final_params": [p.detach().clone().float() for p in unwrapped.parameters()],

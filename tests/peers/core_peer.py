@@ -16,6 +16,7 @@ import sys
 import time
 
 import torch
+from hivemind.averaging.allreduce import AllreduceException
 
 from bench.recorder import barrier as shared_barrier
 from collab_core import CollaborativeAdaptiveOptimizer, CollaborativeOptimizer, CollaborativeSettings, start_dht
@@ -46,6 +47,14 @@ def barrier(dht, key: str, name: str, expected: int) -> None:
     shared_barrier(dht, key, name, expected, timeout=BARRIER_TIMEOUT)
 
 
+def round_step(averager: CollaborativeAverager, group_info) -> int:
+    """The collaborative step of the round being assembled (from this peer's own gathered data)."""
+    _bandwidth, _mode, user_data = averager.serializer.loads(
+        group_info.gathered[group_info.peer_ids.index(averager.peer_id)]
+    )
+    return averager.serializer.loads(user_data)["step"]
+
+
 def die_during_allreduce(at_step: int) -> None:
     """Test hook: kill this peer (its whole process group) when its all-reduce for step ``at_step`` starts.
 
@@ -55,15 +64,31 @@ def die_during_allreduce(at_step: int) -> None:
     original = CollaborativeAverager._aggregate_with_group
 
     async def aggregate_or_die(self, group_info, *args, **kwargs):
-        _bandwidth, _mode, user_data = self.serializer.loads(
-            group_info.gathered[group_info.peer_ids.index(self.peer_id)]
-        )
-        if self.serializer.loads(user_data)["step"] == at_step:
+        if round_step(self, group_info) == at_step:
             print(f"die hook: SIGKILL at the start of the all-reduce of step {at_step}", flush=True)
             os.killpg(os.getpgid(0), signal.SIGKILL)
         return await original(self, group_info, *args, **kwargs)
 
     CollaborativeAverager._aggregate_with_group = aggregate_or_die
+
+
+def fail_round_after_exchange(at_step: int) -> None:
+    """Test hook: the all-reduce of step ``at_step`` fails on this peer after every part was exchanged.
+
+    Its groupmates got their results and took the step; this peer did not (as when the last message of a round is
+    lost). Patched before the averager process forks, so it runs there.
+    """
+    original = CollaborativeAverager._run_allreduce_inplace_
+    fired = []
+
+    async def exchange_then_fail(self, tensors, group_info, *args, **kwargs):
+        await original(self, tensors, group_info, *args, **kwargs)
+        if not fired and round_step(self, group_info) == at_step:
+            fired.append(True)
+            print(f"round hook: failing the all-reduce of step {at_step} after the exchange", flush=True)
+            raise AllreduceException(f"test hook: the round of step {at_step} failed on this peer only")
+
+    CollaborativeAverager._run_allreduce_inplace_ = exchange_then_fail
 
 
 def visible_maddrs(dht) -> list[str]:
@@ -98,6 +123,7 @@ def main() -> int:
     parser.add_argument("--adaptive", default="", help="comma-separated optimizer statistics to average")
     parser.add_argument("--join-at-step", type=int, default=0, help="start only once the collaboration is here")
     parser.add_argument("--die-at-step", type=int, default=-1)
+    parser.add_argument("--fail-round-at-step", type=int, default=-1, help="only this peer's round of it fails")
     parser.add_argument("--max-calls", type=int, default=100000)
     parser.add_argument("--grad-scale", type=float, default=0.0, help="fp16-style loss scaling with this scale")
     parser.add_argument("--overflow-at-step", type=int, default=-1, help="make this peer's gradient inf there")
@@ -116,6 +142,8 @@ def main() -> int:
         kwargs["grad_scaler"] = scaler
     if args.die_at_step >= 0:
         die_during_allreduce(args.die_at_step)
+    if args.fail_round_at_step >= 0:
+        fail_round_after_exchange(args.fail_round_at_step)
     if args.adaptive:
         collab = CollaborativeAdaptiveOptimizer(
             opt, average_opt_statistics=args.adaptive.split(","), scheduler=scheduler, dht=dht, **kwargs
@@ -132,6 +160,7 @@ def main() -> int:
     generator = torch.Generator().manual_seed(args.data_seed)
     loss_fn = torch.nn.CrossEntropyLoss()
     micro_batches, per_step, lrs_used, changes_at_call, step_times, participants = [], {}, {}, [], {}, {}
+    contributions = {}
     started_at = time.monotonic()
     calls = 0
     while collab.local_step < args.steps and calls < args.max_calls:
@@ -156,8 +185,9 @@ def main() -> int:
             per_step[collab.local_step] = snapshot(collab)
             step_times[collab.local_step] = time.monotonic()
             if not downloaded:
-                participants[step_before] = set(collab.collaboration_state.last_round_participants)
-            if not downloaded:
+                state = collab.collaboration_state
+                participants[step_before] = set(state.last_round_participants)
+                contributions[step_before] = dict(state.last_round_contributions)
                 lrs_used[step_before] = lr_before
 
     state = collab.collaboration_state
@@ -175,6 +205,7 @@ def main() -> int:
         "seconds": time.monotonic() - started_at,
         "step_times": step_times,
         "participants": participants,
+        "contributions": contributions,
         "peer_id": dht.peer_id.to_base58(),
         "visible_maddrs": visible_maddrs(dht),
         "state_dict": collab.state_dict(),

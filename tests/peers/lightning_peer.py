@@ -96,7 +96,7 @@ def build(namespace: str, args: argparse.Namespace):
         """Barriers, the stop condition, and a record of every batch and collaborative step."""
 
         def __init__(self):
-            self.batches, self.per_step, self.lrs_used, self.participants = [], {}, {}, {}
+            self.batches, self.per_step, self.lrs_used, self.participants, self.contributions = [], {}, {}, {}, {}
             self.num_peers_seen, self.steps_seen_at_start = 0, None
             self.fits = 0
             self.met_peers = False
@@ -170,6 +170,7 @@ def build(namespace: str, args: argparse.Namespace):
                 }
                 if not downloaded:
                     self.participants[self.step_before] = set(state.last_round_participants)
+                    self.contributions[self.step_before] = dict(state.last_round_contributions)
                     self.lrs_used[self.step_before] = self.lr_before
                 if args.wait_for_joiner_at_step and strategy.collaborative_step == args.wait_for_joiner_at_step:
                     self._wait_for_joiner(strategy)
@@ -226,10 +227,15 @@ def main() -> int:
     parser.add_argument("--join-at-step", type=int, default=0)
     parser.add_argument("--wait-for-joiner-at-step", type=int, default=0)
     parser.add_argument("--no-finish-barrier", action="store_true")
+    parser.add_argument("--fail-round-at-step", type=int, default=-1, help="only this peer's round of it fails")
     args = parser.parse_args()
 
     import lightning_collab
 
+    if args.fail_round_at_step >= 0:  # patched before the averager process forks (in trainer.fit)
+        from core_peer import fail_round_after_exchange
+
+        fail_round_after_exchange(args.fail_round_at_step)
     L, Module, Recorder = build(args.namespace, args)
     strategy_cls = (
         lightning_collab.CollaborativeStrategy
@@ -321,6 +327,7 @@ def main() -> int:
         "per_step": recorder.per_step,
         "lrs_used": recorder.lrs_used,
         "participants": recorder.participants,
+        "contributions": recorder.contributions,
         "final": [p.detach().clone() for p in model.parameters()],
         "final_lr": inner.param_groups[0]["lr"],
         "scheduler_last_epoch": scheduler.last_epoch if scheduler is not None else None,

@@ -21,8 +21,16 @@ import typing
 
 import psutil
 import torch
-from core_peer import barrier, die_during_allreduce, make_model, make_optimizer, make_scheduler, snapshot
-from hivemind.averaging.allreduce import AllreduceException
+from core_peer import (
+    barrier,
+    die_during_allreduce,
+    fail_round_after_exchange,
+    make_model,
+    make_optimizer,
+    make_scheduler,
+    round_step,
+    snapshot,
+)
 
 from collab_core import CollaborativeOptimizer, CollaborativeSettings, start_dht
 from collab_core.averager import CollaborativeAverager
@@ -37,14 +45,6 @@ def on_sigterm(_signum, _frame) -> None:
     raise LeaveRequested("SIGTERM")
 
 
-def _round_step(averager: CollaborativeAverager, group_info) -> int:
-    """The collaborative step of the round being assembled (from this peer's own gathered data)."""
-    _bandwidth, _mode, user_data = averager.serializer.loads(
-        group_info.gathered[group_info.peer_ids.index(averager.peer_id)]
-    )
-    return averager.serializer.loads(user_data)["step"]
-
-
 def stall_allreduce(at_step: int, seconds: float) -> None:
     """Test hook: the averager process freezes for ``seconds`` once the group of step ``at_step`` is assembled.
 
@@ -56,7 +56,7 @@ def stall_allreduce(at_step: int, seconds: float) -> None:
     fired = []
 
     async def aggregate_after_a_stall(self, group_info, *args, **kwargs):
-        if not fired and _round_step(self, group_info) == at_step:
+        if not fired and round_step(self, group_info) == at_step:
             fired.append(True)
             print(f"stall hook: the all-reduce of step {at_step} stalls for {seconds}s", flush=True)
             time.sleep(seconds)  # noqa: ASYNC251 - blocking on purpose: the whole averager process stalls
@@ -90,25 +90,6 @@ def bad_state_server(after_parts: int) -> None:
     # hivemind registers rpc_* handlers by their type hints (and parameter names): keep the original's
     serve_then_fail.__annotations__ = typing.get_type_hints(original_rpc)
     CollaborativeAverager.rpc_download_state = serve_then_fail
-
-
-def fail_round_after_exchange(at_step: int) -> None:
-    """Test hook: the all-reduce of step ``at_step`` fails on this peer after every part was exchanged.
-
-    Its groupmates got their results and took the step; this peer did not (as when the last message of a round is
-    lost). Patched before the averager process forks, so it runs there.
-    """
-    original = CollaborativeAverager._run_allreduce_inplace_
-    fired = []
-
-    async def exchange_then_fail(self, tensors, group_info, *args, **kwargs):
-        await original(self, tensors, group_info, *args, **kwargs)
-        if not fired and _round_step(self, group_info) == at_step:
-            fired.append(True)
-            print(f"round hook: failing the all-reduce of step {at_step} after the exchange", flush=True)
-            raise AllreduceException(f"test hook: the round of step {at_step} failed on this peer only")
-
-    CollaborativeAverager._run_allreduce_inplace_ = exchange_then_fail
 
 
 def offset_state_priority(offset: float) -> None:
@@ -288,6 +269,10 @@ def hold(args, collab) -> None:
 
 
 def main() -> int:
+    # This peer stands for a program started in a terminal, where Ctrl-C raises KeyboardInterrupt. A shell starts
+    # background jobs (``make test &``) with SIGINT ignored, children inherit that, and Python then installs no
+    # handler: SIGINT would do nothing. Installed before the optimizer, whose start-up must keep it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args()
     settings = CollaborativeSettings.resolve()  # COLLAB_* from the test
     dht, _hint = start_dht(settings, print_hint=False, startup_timeout=args.startup_timeout)

@@ -131,6 +131,7 @@ def lifecycle(tmp_path_factory):
             peers.wait(second, timeout=TIMEOUT)
             run["restart_seconds"] = time.monotonic() - restarted
             run["second"] = {peer.name[0]: peer.result() for peer in second}
+            run["second_logs"] = "\n".join(f"----- {peer.name} -----\n{peer.log_text()}" for peer in second)
     return run
 
 
@@ -168,7 +169,7 @@ def test_restart_from_checkpoints_continues_step_lr_and_parameters(lifecycle):
         assert tensor_diff(after["restored_params"], before["final"]["params"]) == 0.0
         # both restarted peers wait for each other at their first step, but only for one matchmaking window: a peer
         # whose start-up is slower than that finds the other one step ahead and downloads (the state continues)
-        assert after["collaboration_state"]["state_downloads"] <= 1
+        assert after["collaboration_state"]["state_downloads"] <= 1, lifecycle["second_logs"]
         assert after["local_step"] == FINAL_STEP
         assert min(after["lrs_used"], default=HOLD_STEP) >= HOLD_STEP
         for step, lr in after["lrs_used"].items():
