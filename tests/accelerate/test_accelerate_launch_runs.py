@@ -43,7 +43,9 @@ def run(tmp_path_factory) -> dict[str, list[dict]]:
     workdir = tmp_path_factory.mktemp("launch")
     tracker_log = workdir / "a_tracker.jsonl"
     with bootstrap_dht() as dht:
-        env = collab_env(dht, "acc-launch", target_batch_size=TARGET, averaging_timeout=20, matchmaking_time=3)
+        # 5 launches of processes on a 2-core machine: matchmaking 5 s (request timeout 2.5 s) gives hivemind's join
+        # requests room under load (see docs/hivemind-behaviour.md, asymmetric matchmaking); full groups close at once
+        env = collab_env(dht, "acc-launch", target_batch_size=TARGET, averaging_timeout=20, matchmaking_time=5)
         with LaunchedPeers(workdir, env) as peers:
             started = [
                 peers.start(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import time
@@ -23,6 +24,7 @@ from collab_core import CollaborativeAdaptiveOptimizer, CollaborativeOptimizer, 
 from collab_core.averager import CollaborativeAverager
 
 BARRIER_TIMEOUT = 60.0
+FAILED_ROUND_LOG = "round hook: failing the all-reduce of step"
 
 
 def make_model(seed: int) -> torch.nn.Module:
@@ -73,22 +75,31 @@ def die_during_allreduce(at_step: int) -> None:
 
 
 def fail_round_after_exchange(at_step: int) -> None:
-    """Test hook: the all-reduce of step ``at_step`` fails on this peer after every part was exchanged.
+    """Test hook: the first all-reduce of step ``at_step`` or later fails on this peer after every part was exchanged.
 
     Its groupmates got their results and took the step; this peer did not (as when the last message of a round is
-    lost). Patched before the averager process forks, so it runs there.
+    lost). A peer that missed the round of ``at_step`` itself fails its next one instead; :func:`failed_round_step`
+    reads which step it was from the log. Patched before the averager process forks, so it runs there.
     """
     original = CollaborativeAverager._run_allreduce_inplace_
     fired = []
 
     async def exchange_then_fail(self, tensors, group_info, *args, **kwargs):
         await original(self, tensors, group_info, *args, **kwargs)
-        if not fired and round_step(self, group_info) == at_step:
+        step = round_step(self, group_info)
+        if not fired and step >= at_step:
             fired.append(True)
-            print(f"round hook: failing the all-reduce of step {at_step} after the exchange", flush=True)
-            raise AllreduceException(f"test hook: the round of step {at_step} failed on this peer only")
+            print(f"{FAILED_ROUND_LOG} {step} after the exchange", flush=True)
+            raise AllreduceException(f"test hook: the round of step {step} failed on this peer only")
 
     CollaborativeAverager._run_allreduce_inplace_ = exchange_then_fail
+
+
+def failed_round_step(log: str) -> int:
+    """The step whose all-reduce :func:`fail_round_after_exchange` failed, read from the peer's log."""
+    match = re.search(FAILED_ROUND_LOG + r" (\d+)", log)
+    assert match is not None, "the round hook never fired"
+    return int(match.group(1))
 
 
 def visible_maddrs(dht) -> list[str]:
