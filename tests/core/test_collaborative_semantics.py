@@ -129,8 +129,8 @@ def test_peer_whose_round_failed_on_its_side_downloads_and_the_update_stays_exac
     )
     failed = failed_round_step(results["p1"]["log"])  # 2, or p1's next round if it missed that one
     failing = results["p1"]["collaboration_state"]
-    assert failing["failed_rounds"] == 1 and failing["state_downloads"] == 1, failing
-    assert results["p0"]["collaboration_state"]["failed_rounds"] == 0
+    assert failing["failed_rounds"] >= 1 and failing["state_downloads"] >= 1, failing
+    assert failed not in results["p1"]["participants"], "p1 left the failed step by a download, not by a round"
     averaged = round_contributions(results.values(), failed)
     assert set(averaged) == {r["peer_id"] for r in results.values()}, f"step {failed} averaged both peers"
     recorded = sum(len(x) for k, x, _ in results["p1"]["micro_batches"] if k == failed)

@@ -111,7 +111,8 @@ def test_reported_samples_match_single_process_replay(lockstep):
 def test_peer_whose_round_failed_on_its_side_downloads_and_its_later_batches_count_nowhere(lockstep):
     p1 = lockstep["p1"]
     failed = failed_round_step(p1["log"])  # FAILED_ON_P1, or its next round if it missed that one
-    assert p1["collaboration_state"]["failed_rounds"] == 1 and p1["collaboration_state"]["state_downloads"] == 1
+    # (under load it may miss a later round as well and download again: only the first download is this test's)
+    assert p1["collaboration_state"]["failed_rounds"] >= 1 and p1["collaboration_state"]["state_downloads"] >= 1
     # it left the failed step by a download (to the next step, or a later one if the others had moved on meanwhile)
     left_failed_step = min(step for step in p1["per_step"] if step > failed)
     assert p1["per_step"][left_failed_step]["downloaded"]
