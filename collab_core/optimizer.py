@@ -300,6 +300,9 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         self._round_mates: dict[bytes, float] = {}  # peers of this peer's last step -> when it was taken (DHT time)
         self._reached_step_at: float | None = None  # when this peer reached its current step (None: never stepped)
         self._last_round_reached: int | None = None  # the step that this peer's last round led to
+        # a round that failed here after its all-reduce began: (step, expected peers, failure time in DHT time). Some
+        # of its peers may have applied it; see _round_may_be_retried
+        self._unsettled_round: tuple[int, frozenset[bytes], float] | None = None
         self._last_step_call: float | None = None
         self._seconds_per_call = 0.0  # moving average of the time between step() calls (this peer's micro-batch)
 
@@ -910,6 +913,8 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             # collaboration already took, from other parameters, and leave this peer at the others' step number
             # with a different state. Keep accumulating until the next attempt.
             return
+        if not self._round_may_be_retried(view, step):
+            return  # keep accumulating; a groupmate of the failed round may still show that it took the step
         group = self._expected_in_round(view, step)
         samples = self._accumulator.samples
         if self.client_mode and not any(not peer.client_mode for peer in group) and self._servers_exist(view):
@@ -935,6 +940,33 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
     def _servers_exist(view: CollaborationView) -> bool:
         """Whether the collaboration has peers that accept connections (and so can average and share state)."""
         return any(not peer.client_mode for peer in view.peers if peer.peer_id != view.local_peer_id)
+
+    def _round_may_be_retried(self, view: CollaborationView, step: int) -> bool:
+        """After a round that failed here once its all-reduce had begun: whether ``step`` may be tried again.
+
+        Only if no peer of that round took the step: each one must show news at ``step`` since the failure, or be
+        gone. One that took it shows the next step instead, and this peer downloads (the caller checks peers ahead
+        first). A peer that shows nothing (it may have crashed in the round) is waited for at most two request
+        timeouts plus one matchmaking window, enough for a peer that took the step to publish it.
+        """
+        if self._unsettled_round is None:
+            return True
+        failed_step, mates, failed_at = self._unsettled_round
+        if failed_step != step:
+            self._unsettled_round = None
+            return True
+        records = {peer.peer_id: peer for peer in view.peers}
+        silent = [
+            peer_id
+            for peer_id in mates
+            if peer_id != view.local_peer_id
+            and peer_id in records
+            and not (records[peer_id].step == step and records[peer_id].time > failed_at)
+        ]
+        if silent and get_dht_time() < failed_at + self.matchmaking_time + 2 * self.request_timeout:
+            return False
+        self._unsettled_round = None
+        return True
 
     def _step_alone(self) -> None:
         """Nobody else is at this step: apply this peer's own mean gradient."""
@@ -1026,6 +1058,11 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             if control is not None and not control.began_allreduce:
                 # no group formed: nobody we expected came; do not wait for them again until they publish news
                 self._note_absent_peers(group, {self.tracker.view.local_peer_id: {}})
+            elif control is not None:
+                # the all-reduce began: groupmates that got all their parts applied this round (hivemind's all-reduce
+                # is not atomic). Retrying the step without them would fork the replicas.
+                self._unsettled_round = (step, frozenset(peer.peer_id for peer in group), get_dht_time())
+                self._announce()  # tells the groupmates at once that this peer did not take the step
             logger.warning(f"{self.prefix}: averaging for step {step} failed ({e!r}); will retry or resynchronize")
             return None
         gathered = {peer_id.to_bytes(): info for peer_id, info in result.items()}
