@@ -143,6 +143,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hold", action="store_true", help="after --steps, wait (alive) for SIGINT/SIGTERM")
     parser.add_argument("--checkpoint", default="", help="save model + optimizer state_dict here when leaving")
     parser.add_argument("--resume", default="", help="restore this checkpoint before training")
+    parser.add_argument("--see-peers", action="store_true", help="after the start barrier, wait until --peers are seen")
     parser.add_argument("--kill-after-step", type=int, default=-1, help="SIGKILL itself right after this step")
     parser.add_argument("--die-at-step", type=int, default=-1, help="SIGKILL itself in the all-reduce of this step")
     parser.add_argument("--stall-at-step", type=int, default=-1, help="stall the all-reduce of this step")
@@ -294,7 +295,11 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         barrier(dht, f"{settings.run_id}_test_start", args.name, args.peers)
-        collab.tracker.fetch_now(timeout=5)  # see the peers that met at the barrier before the first step
+        view = collab.tracker.fetch_now(timeout=5)  # see the peers that met at the barrier before the first step
+        deadline = time.monotonic() + 30
+        while args.see_peers and len(view.peers) < args.peers and time.monotonic() < deadline:
+            time.sleep(0.05)  # the others' records (announced at restore) may reach the DHT after the barrier
+            view = collab.tracker.fetch_now(timeout=5)
         save_atomically({"step": collab.local_step}, args.out + ".ready")
         while args.join_at_step and collab.tracker.fetch_now(timeout=5).epoch < args.join_at_step:
             time.sleep(0.05)

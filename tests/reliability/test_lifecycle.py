@@ -117,6 +117,7 @@ def lifecycle(tmp_path_factory):
                         bs,
                         seed + 10,
                         "--scheduler",
+                        "--see-peers",  # both restored peers in view: their first step waits for the other
                         "--resume",
                         str(run["checkpoints"][name]),
                         "--finish-peers",
