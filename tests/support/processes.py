@@ -20,6 +20,8 @@ from pathlib import Path
 import hivemind
 import torch
 
+from collab_core import hivemind_patches
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CORE_PEER = REPO_ROOT / "tests" / "peers" / "core_peer.py"
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -145,7 +147,9 @@ class PeerSet:
 
 @contextmanager
 def bootstrap_dht() -> Iterator[hivemind.DHT]:
-    """A DHT node in the test process that peers use as their initial peer."""
+    """A DHT node in the test process that peers use as their initial peer (with collab_core's hivemind
+    workarounds, like a node started by ``start_dht``)."""
+    hivemind_patches.apply()
     dht = hivemind.DHT(host_maddrs=[LOOPBACK], start=True)
     try:
         yield dht
