@@ -18,6 +18,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.dht import DHT
 
+from collab_core import hivemind_patches
 from collab_core.collaboration import Collaboration, CollaborationState, StepReport
 from collab_core.local_update import LocalUpdate
 from collab_core.log import get_logger
@@ -133,6 +134,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         verbose: bool = False,
         **kwargs: Any,
     ):
+        hivemind_patches.apply()
         self._validate_arguments(
             opt,
             dht,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from peer_processes import REPO_ROOT, run_to_completion
+from tests.support.processes import REPO_ROOT, run_to_completion
 
 
 def test_core_quickstart_demo_trains_identical_peers(tmp_path):

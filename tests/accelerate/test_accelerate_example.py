@@ -8,8 +8,9 @@ import time
 
 import pytest
 import torch
-from accelerate_launching import LaunchedPeers
-from peer_processes import LOOPBACK, REPO_ROOT
+
+from tests.support.accelerate_launching import LaunchedPeers
+from tests.support.processes import LOOPBACK, REPO_ROOT
 
 EXAMPLE = REPO_ROOT / "examples" / "accelerate" / "train.py"
 CONFIG = REPO_ROOT / "examples" / "accelerate" / "collab.yaml"

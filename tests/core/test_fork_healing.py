@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from .test_collaborative_semantics import _max_diff, _peer, _state_diff, run_peers
+from tests.support.core_runs import max_diff, peer_spec, run_peers, state_diff
 
 STEPS = 8
 TARGET = 96
@@ -28,7 +28,7 @@ def _assert_identical(results: dict, steps: int = STEPS) -> float:
     for name in names[1:]:
         final = results[name]["final"]
         worst = max(
-            worst, _max_diff(final["params"], reference["params"]), _state_diff(final["state"], reference["state"])
+            worst, max_diff(final["params"], reference["params"]), state_diff(final["state"], reference["state"])
         )
     healed = {name: results[name]["collaboration_state"]["forks_healed"] for name in names}
     downloads = {name: results[name]["collaboration_state"]["state_downloads"] for name in names}
@@ -47,8 +47,8 @@ def test_replicas_that_each_stepped_alone_are_found_forked_and_one_downloads_the
     planner decides to step alone at step 3), then trained on at the same step numbers. Same step, different
     fingerprints: exactly one of them (every peer computes which) must download the other's state."""
     specs = [
-        _peer("p0", 32, 100, STEPS, "--solo-at-step", "3", peers=2),
-        _peer("p1", 32, 101, STEPS, "--solo-at-step", "3", peers=2),
+        peer_spec("p0", 32, 100, STEPS, "--solo-at-step", "3", peers=2),
+        peer_spec("p1", 32, 101, STEPS, "--solo-at-step", "3", peers=2),
     ]
     results = run_peers(tmp_path, "solo", specs, target_batch_size=64, **TIMEOUTS)
     for result in results.values():
@@ -63,9 +63,9 @@ def test_round_failing_as_it_starts_and_a_delayed_publication_leave_no_fork(tmp_
     """(b) p1's round of step 2 fails as it starts (the others get partial results); (c) from step 4 p2 publishes
     nothing for 3 s, so the others' views show its previous step while they run their next round."""
     specs = [
-        _peer("p0", 32, 100, STEPS),
-        _peer("p1", 16, 101, STEPS, "--fail-round-start-at-step", "2"),
-        _peer("p2", 24, 102, STEPS, "--silent-after-step", "4", "--silent-seconds", "3"),
+        peer_spec("p0", 32, 100, STEPS),
+        peer_spec("p1", 16, 101, STEPS, "--fail-round-start-at-step", "2"),
+        peer_spec("p2", 24, 102, STEPS, "--silent-after-step", "4", "--silent-seconds", "3"),
     ]
     results = run_peers(tmp_path, "startfail", specs, target_batch_size=TARGET, **TIMEOUTS)
     _log_mentions(results["p1"], "at its start")
@@ -80,10 +80,10 @@ def test_rounds_failing_after_the_exchange_on_two_of_four_and_a_frozen_peer_leav
     stopped (SIGSTOP, its whole process group) for longer than the averaging timeout in its round of step 5."""
     frozen_for = str(TIMEOUTS["averaging_timeout"] + 3)
     specs = [
-        _peer("p0", 32, 100, STEPS, peers=peers),
-        _peer("p1", 16, 101, STEPS, "--fail-round-at-step", "2", peers=peers),
-        _peer("p2", 24, 102, STEPS, "--fail-round-at-step", "2", peers=peers),
-        _peer("p3", 24, 103, STEPS, "--freeze-at-step", "5", "--freeze-seconds", frozen_for, peers=peers),
+        peer_spec("p0", 32, 100, STEPS, peers=peers),
+        peer_spec("p1", 16, 101, STEPS, "--fail-round-at-step", "2", peers=peers),
+        peer_spec("p2", 24, 102, STEPS, "--fail-round-at-step", "2", peers=peers),
+        peer_spec("p3", 24, 103, STEPS, "--freeze-at-step", "5", "--freeze-seconds", frozen_for, peers=peers),
     ]
     results = run_peers(tmp_path, "twoofour", specs, target_batch_size=TARGET + 48, **TIMEOUTS)
     for name in ("p1", "p2"):
@@ -99,10 +99,10 @@ def test_peer_cut_off_returning_to_idle_peers_downloads_instead_of_training_alon
     nothing new). While it was cut off, the only state it could reach was its own, so their records ahead looked
     unbacked. It must believe them again after its download back-off, not train alone to their step number."""
     specs = [
-        _peer("a", 32, 100, STEPS, "--finish-peers", "3", peers=2),
-        _peer("b", 16, 101, STEPS, "--finish-peers", "3", peers=2),
+        peer_spec("a", 32, 100, STEPS, "--finish-peers", "3", peers=2),
+        peer_spec("b", 16, 101, STEPS, "--finish-peers", "3", peers=2),
         # it trains alone meanwhile (1 s per step), far slower than the 2 s cut: it must not reach their step alone
-        _peer(
+        peer_spec(
             "cut",
             24,
             102,

@@ -9,7 +9,8 @@ import time
 
 import pytest
 import torch
-from peer_processes import LOOPBACK, REPO_ROOT, PeerSet, run_to_completion
+
+from tests.support.processes import LOOPBACK, REPO_ROOT, PeerSet, run_to_completion
 
 TRAIN = REPO_ROOT / "examples" / "lightning" / "train.py"
 CONFIG = REPO_ROOT / "examples" / "lightning" / "config.yaml"

@@ -20,11 +20,11 @@ import time
 import torch
 from hivemind.averaging.allreduce import AllreduceException
 
-from bench.recorder import barrier as shared_barrier
 from collab_core import CollaborativeAdaptiveOptimizer, CollaborativeOptimizer, CollaborativeSettings, start_dht
 from collab_core.averager import CollaborativeAverager
 from collab_core.planner import Action, Decision
 from collab_core.sync import ServedState
+from tests.support.barrier import barrier as shared_barrier
 
 BARRIER_TIMEOUT = 60.0
 FAILED_ROUND_LOG = "round hook: failing the all-reduce of step"
@@ -48,7 +48,7 @@ def make_scheduler(opt: torch.optim.Optimizer):
 
 
 def barrier(dht, key: str, name: str, expected: int) -> None:
-    """Wait (at most ``BARRIER_TIMEOUT`` s) until ``expected`` peers arrived at ``key`` (the benchmarks' barrier)."""
+    """Wait (at most ``BARRIER_TIMEOUT`` s) until ``expected`` peers arrived at ``key`` (tests/support/barrier.py)."""
     shared_barrier(dht, key, name, expected, timeout=BARRIER_TIMEOUT)
 
 
