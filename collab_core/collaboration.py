@@ -210,7 +210,7 @@ class Collaboration:
         self.short_rounds = 0
         self.forks_healed = 0
         self.last_report: StepReport | None = None
-        self._last_round: dict[bytes, dict[str, Any]] = {}  # peer id -> gathered info of this peer's last step
+        self._last_round: dict[bytes, Any] = {}  # peer id -> gathered info of this peer's last step
         self._last_round_reached: int | None = None  # the step this peer's last round led to
         self._state_lock = threading.RLock()
         self._shutdown_done = False
@@ -452,7 +452,7 @@ class Collaboration:
         view = self.tracker.fetch_now(timeout=self.timeouts.request)
         return bool(self.planner.peers_ahead(view.peers, self.local_peer(view), get_dht_time()))
 
-    def _finish_step(self, gathered: dict[bytes, dict[str, Any]]) -> None:
+    def _finish_step(self, gathered: dict[bytes, Any]) -> None:
         contributions = {peer_id: sample_count(info) for peer_id, info in gathered.items()}
         self._last_round = gathered
         self.planner.record_step(gathered, get_dht_time())

@@ -26,7 +26,7 @@ FINGERPRINT_LENGTH = 16
 FINGERPRINT_KEY_BITS = 16
 
 
-def _hasher() -> hashlib._Hash:
+def _hasher() -> hashlib.blake2b:
     return hashlib.blake2b(digest_size=FINGERPRINT_LENGTH // 2)
 
 

@@ -78,6 +78,7 @@ WRONG_TYPE = {
     "step_tolerance": ("1.5", "1.5"),
     "reuse_grad_buffers": ("2", "maybe"),
     "accumulate_grads_on": ("[cpu]", None),
+    "algorithm": ("[gradient]", None),
     "average_opt_statistics": ("5", None),
     "compression": ("[none]", None),
     "verbose": ("'loud'", "loud"),
@@ -97,6 +98,7 @@ OUT_OF_RANGE = {
     "metadata_expiration": "-60",
     "step_tolerance": "-1",
     "accumulate_grads_on": "gpu7",
+    "algorithm": "gradients",
     "compression": "zip",
 }
 NO_RANGE = {"client_mode", "identity_path", "use_ipfs", "reuse_grad_buffers", "average_opt_statistics", "verbose"}

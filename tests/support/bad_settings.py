@@ -44,6 +44,7 @@ BAD_PYTHON_VALUES: list[tuple[dict[str, Any], str, tuple[str, ...]]] = [
         ("compression", "'fp16'", "none, float16, scaled-float16, uniform8bit, quantile8bit"),
     ),
     ({"compression": "float-16"}, "compression", ("Did you mean 'float16'?",)),
+    ({"algorithm": "gradients"}, "algorithm", ("algorithm", "'gradients'", "gradient, adaptive", "'gradient'?")),
     ({"accumulate_grads_on": "gpu7"}, "accumulate_grads_on", ("accumulate_grads_on", "'gpu7'", "'cpu'")),
     (
         {"initial_peers": ["/ip4/1.2.3/tcp/x"]},
