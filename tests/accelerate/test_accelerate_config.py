@@ -105,7 +105,7 @@ def test_client_mode_puts_dht_and_averaging_in_client_mode(run_id):
             collaborative = optimizer.collaborative_optimizer
             assert collaborative.dht.client_mode
             assert collaborative.client_mode
-            assert collaborative._averager.client_mode  # hivemind's averager accepts no incoming requests
+            assert collaborative.collaboration.averager.client_mode  # hivemind's averager accepts no incoming requests
             with pytest.raises(ValueError):  # nothing to connect to
                 collaborative.dht.get_visible_maddrs()
         finally:

@@ -20,6 +20,9 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 
+from collab_core.fingerprint import tensors_fingerprint
+from tests.peers.core_peer import make_model
+
 
 class ForgedIdentities(RecordValidatorBase):
     """Signs each record with the identity named in its subkey (a plain RSASignatureValidator holds one key)."""
@@ -66,9 +69,15 @@ def forged_records(huge_steps: int) -> list[tuple[str, dict]]:
         ("oversized peer_id (2 kB)", honest_looking(os.urandom(2_000), samples_accumulated=10**9)),
         ("not a record at all", "x" * 1000),
     ]
-    # huge sample counts at each of the run's first steps: enough, if believed, to step at once
+    # huge sample counts at each of the run's first steps: enough, if believed, to step at once. The attacker knows
+    # the model, so it publishes the honest peers' starting state fingerprint (peers count only records of their own
+    # state): the step-0 record looks like a replica of theirs; later steps' fingerprints it cannot know
+    start = tensors_fingerprint(make_model(0).parameters())
     kinds += [
-        (f"huge samples at step {step}", honest_looking(os.urandom(38), epoch=step, samples_accumulated=10**12))
+        (
+            f"huge samples at step {step}",
+            honest_looking(os.urandom(38), epoch=step, samples_accumulated=10**12, fingerprint=start),
+        )
         for step in range(huge_steps)
     ]
     return kinds

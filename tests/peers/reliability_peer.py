@@ -24,6 +24,7 @@ import torch
 
 from collab_core import CollaborativeOptimizer, CollaborativeSettings, start_dht
 from collab_core.averager import CollaborativeAverager
+from collab_core.collaboration import Collaboration
 from tests.peers.core_peer import (
     barrier,
     die_during_allreduce,
@@ -97,13 +98,13 @@ def offset_state_priority(offset: float) -> None:
 
     The offset is large enough that the order holds even while one peer's announcement lags a step behind.
     """
-    original_set_step = CollaborativeOptimizer._set_local_step
+    original_move_to = Collaboration._move_to
 
-    def set_step_with_offset(self, step: int) -> None:
-        original_set_step(self, step)
-        self._averager.state_sharing_priority = step + offset
+    def move_with_offset(self, step: int, fingerprint: str) -> None:
+        original_move_to(self, step, fingerprint)
+        self.averager.state_sharing_priority = step + offset
 
-    CollaborativeOptimizer._set_local_step = set_step_with_offset
+    Collaboration._move_to = move_with_offset
 
 
 def resources() -> dict:
