@@ -29,6 +29,8 @@ from hivemind.optim.progress_tracker import GlobalTrainingProgress, LocalTrainin
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from collab_core.log import get_logger
+from collab_core.metrics import MIN_REPORTED_RATE
+from collab_core.reporting import ProgressSnapshot, StatusSnapshot, StatusThrottle, eta_seconds, status_line
 
 logger = get_logger(__name__)
 
@@ -296,11 +298,13 @@ class CollaborationTracker(ProgressTracker):
         self._known_peers = peer_ids
         view.next_fetch_time = now + min(max(refresh, self.min_refresh_period), self.max_refresh_period)
 
-        logger.log(
-            self.status_loglevel,
-            f"{self.prefix}: step {global_step}, {view.samples_accumulated}/{self.target_batch_size} samples from "
-            f"{len(records)} peer(s), ETA {time_to_next_step:.2f}s",
-        )
+        # the status line: INFO (with verbose) only when peers come or go or at a human pace (collab_core.reporting)
+        throttle = self.__dict__.setdefault("_status_throttle", StatusThrottle())
+        rate = view.samples_per_second if view.samples_per_second >= MIN_REPORTED_RATE else None
+        eta = eta_seconds(remaining, rate)
+        shown = ProgressSnapshot(global_step, len(records), view.samples_accumulated, self.target_batch_size, rate, eta)
+        reasons = throttle.reasons(StatusSnapshot(step=global_step, peers=len(records)))
+        logger.log(self.status_loglevel if reasons else logging.DEBUG, status_line(self.prefix, shown, reasons))
         return view
 
 
