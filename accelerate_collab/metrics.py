@@ -47,7 +47,7 @@ class ProgressReporter:
         self, accelerator: Any, optimizer: CollaborativeOptimizer, *, progress_bar: bool, log_metrics: bool
     ) -> None:
         self.accelerator, self.optimizer, self.log_metrics = accelerator, optimizer, log_metrics
-        verbose = getattr(optimizer, "status_loglevel", logging.DEBUG) <= logging.INFO
+        verbose = getattr(optimizer, "status_loglevel", logging.DEBUG) >= logging.INFO  # INFO: verbose=True
         self.progress = CollaborationProgress(
             str(getattr(optimizer, "prefix", "collab")),
             periodic=False,

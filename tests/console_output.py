@@ -17,14 +17,20 @@ from collab_core.reporting import MAX_ETA_SECONDS
 #: a line of the ``collab_core`` logger (``collab_core.log``): "Dec 03 08:30:01.123 [INFO] [collab_core.x] message"
 OUR_LOG_LINE = re.compile(r"^(\w{3} +\d+ \d\d:\d\d:\d\d)\.\d{3} \[(\w+)\] \[(collab_core[\w.]*)\] (.*)$")
 JOIN_HINT = re.compile(r'COLLAB_RUN_ID=\S+ COLLAB_INITIAL_PEERS="[^"]+"')
-# "ETA 0.4s", "ETA 12m05s", "ETA unknown", and the old "ETA 12800000000000000000000.00s"; Lightning's bar:
-# "collab/eta_seconds=0.0312" (or nan)
+# "ETA 0.4s", "ETA 12m05s", "ETA unknown", and the old "ETA 12800000000000000000000.00s"; Lightning's bars: tqdm's
+# "collab/eta_seconds=0.0312" (or nan) and rich's "collab/eta_secon…" with the value on the next line
 ETA_WORDS = re.compile(r"ETA (unknown|[0-9.e+]+s|\d+m\d\ds|\d+h\d\dm)")
-ETA_METRIC = re.compile(r"collab/eta_seconds=([0-9.e+-]+|nan|inf)")
+ETA_METRIC = re.compile(r"collab/eta_sec\S*?\s*[=:]?\s*(nan|inf|[0-9][0-9.e+-]*)")
 BAR_FRAME = re.compile(
     r"collaborative step (?P<step>\S+?):\s*(?P<percent>\d+)%\|[^|]*\| (?P<n>\d+)/(?P<total>\d+) samples "
     r"\[(?P<elapsed>[\d:]+)(?P<postfix>[^\]]*)\]"
 )
+
+
+def bar_metric(text: str, name: str) -> list[float]:
+    """Every value of metric ``name`` (e.g. ``collab/peers``) shown in Lightning's progress bar (tqdm or rich)."""
+    pattern = re.compile(re.escape(name) + r"\S*?\s*[=:]?\s*(nan|inf|[0-9][0-9.e+-]*)")
+    return [float(value) for value in pattern.findall(text)]
 
 
 def our_log_lines(text: str) -> list[tuple[str, str, str]]:
@@ -98,6 +104,7 @@ __all__ = [
     "BarFrame",
     "absurd_etas",
     "bar_frames",
+    "bar_metric",
     "etas",
     "join_hints",
     "most_lines_in_one_second",
