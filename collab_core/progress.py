@@ -29,8 +29,7 @@ from hivemind.optim.progress_tracker import GlobalTrainingProgress, LocalTrainin
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from collab_core.log import get_logger
-from collab_core.metrics import MIN_REPORTED_RATE
-from collab_core.reporting import ProgressSnapshot, StatusSnapshot, StatusThrottle, eta_seconds, status_line
+from collab_core.reporting import ProgressSnapshot, RateMeter, StatusSnapshot, StatusThrottle, eta_seconds, status_line
 
 logger = get_logger(__name__)
 
@@ -299,8 +298,9 @@ class CollaborationTracker(ProgressTracker):
         view.next_fetch_time = now + min(max(refresh, self.min_refresh_period), self.max_refresh_period)
 
         # the status line: INFO (with verbose) only when peers come or go or at a human pace (collab_core.reporting)
-        throttle = self.__dict__.setdefault("_status_throttle", StatusThrottle())
-        rate = view.samples_per_second if view.samples_per_second >= MIN_REPORTED_RATE else None
+        throttle, meter = self.__dict__.setdefault("_status", (StatusThrottle(), RateMeter()))
+        meter.observe(global_step * self.target_batch_size + view.samples_accumulated)  # the collaboration's progress
+        rate = meter.rate()
         eta = eta_seconds(remaining, rate)
         shown = ProgressSnapshot(global_step, len(records), view.samples_accumulated, self.target_batch_size, rate, eta)
         reasons = throttle.reasons(StatusSnapshot(step=global_step, peers=len(records)))

@@ -334,7 +334,9 @@ class Demo:
             f"surviving peers with identical weights: {verdict} ({len(survivors)} compared, max |difference| "
             f"{max_diff:.2e})"
         )
-        console.print(f"outputs: {self.out}/ (model.pt, metrics.csv, {plot.name if plot else 'no plot'}, peers/*/)")
+        console.print(
+            f"outputs: {self.out}/ (model.pt, metrics.csv, peers.csv, {plot.name if plot else 'no plot'}, peers/*/)"
+        )
         if not identical or not survivors:
             return code or 1
         return code
