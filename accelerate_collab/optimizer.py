@@ -18,6 +18,7 @@ from accelerate_collab.batch import MicroBatchCounter
 from accelerate_collab.local import LocalGroup, StepOutcome
 from accelerate_collab.metrics import ProgressReporter
 from collab_core import CollaborativeOptimizer
+from collab_core.collaboration import StepOutcome as CoreStepOutcome
 from collab_core.log import get_logger
 
 logger = get_logger(__name__)
@@ -163,19 +164,16 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
                 for param in self._params:
                     if param.grad is not None:
                         param.grad.mul_(accumulation_steps / micro_batches)
-        step_before, before = collaborative.local_step, collaborative.collaboration_state
         collaborative.step(batch_size=peer_samples)
-        state = collaborative.collaboration_state
-        changed = collaborative.local_step != step_before
-        downloaded = state.state_downloads != before.state_downloads
-        # fp16 overflow, or inf/NaN in the averaged gradient: the round's update was skipped by all of its members
-        overflow = (state.overflow_steps, state.nonfinite_steps) != (before.overflow_steps, before.nonfinite_steps)
+        report = collaborative.last_step_report
+        assert report is not None
         scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 0.0
         return StepOutcome(
-            updated=changed and not downloaded and not overflow,
-            changed=changed,
+            # SKIPPED: fp16 overflow, or inf/NaN in the averaged gradient (every member of the round skipped it)
+            updated=report.outcome is CoreStepOutcome.UPDATED,
+            changed=report.stepped,
             step=collaborative.local_step,
-            num_peers=state.num_peers,
+            num_peers=collaborative.collaboration_state.num_peers,
             scale=scale,
         )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import inspect
 from typing import Any
 
 import torch
@@ -15,7 +14,8 @@ from accelerate_collab.local import LocalGroup
 from accelerate_collab.metrics import ProgressReporter
 from accelerate_collab.optimizer import CollaborativeAcceleratedOptimizer
 from accelerate_collab.scheduler import CollaborativeAcceleratedScheduler
-from collab_core import CollaborativeAdaptiveOptimizer, CollaborativeOptimizer, CollaborativeSettings, start_dht
+from collab_core import CollaborativeOptimizer, CollaborativeSettings
+from collab_core.join import join
 from collab_core.log import get_logger
 
 logger = get_logger(__name__)
@@ -71,17 +71,18 @@ def prepare_collaborative(
     if accelerator.is_main_process:
         try:
             _warn_on_device_mismatch(optimizer, accelerator.device)
-            if dht is None:
-                own_dht, _hint = start_dht(config)
-                dht = own_dht
-            else:
-                dht, _hint = start_dht(config, dht=dht, print_hint=False)
-            try:
-                collaborative = _make_collaborative_optimizer(optimizer, scheduler, config, dht, grad_scaler)
-            except BaseException:
-                if own_dht is not None:
-                    own_dht.shutdown()
-                raise
+            # step() always passes the samples of the peer's real optimizer step: no batch_size_per_step
+            membership = join(
+                optimizer,
+                config,
+                scheduler=scheduler,
+                grad_scaler=grad_scaler,
+                dht=dht,
+                print_hint=dht is None,
+                batch_size_per_step=None,
+            )
+            collaborative = membership.optimizer
+            own_dht = membership.dht if membership.owns_dht else None
         except BaseException as e:
             group.share_object(f"{type(e).__name__}: {e}")
             raise
@@ -143,29 +144,6 @@ def _check_distributed_type(accelerator: Any) -> None:
             f"prepare_collaborative supports single-process and DDP training (multi_gpu / multi_cpu), not {kind}: "
             "launch without DeepSpeed/FSDP/Megatron-LM/XLA (e.g. accelerate launch --multi_gpu)."
         )
-
-
-def _make_collaborative_optimizer(
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    config: CollaborativeSettings,
-    dht: Any,
-    grad_scaler: Any,
-) -> CollaborativeOptimizer:
-    kwargs = config.optimizer_kwargs()
-    kwargs["batch_size_per_step"] = None  # step() always passes the samples of the peer's real optimizer step
-    if grad_scaler is not None and grad_scaler.is_enabled():
-        if "grad_scaler" not in inspect.signature(CollaborativeOptimizer.__init__).parameters:
-            raise NotImplementedError(
-                "mixed_precision='fp16' uses a gradient scaler, which this version of collab_core does not support; "
-                "use mixed_precision='bf16' or 'no'."
-            )
-        kwargs["grad_scaler"] = grad_scaler
-    if config.average_opt_statistics:
-        return CollaborativeAdaptiveOptimizer(
-            optimizer, average_opt_statistics=config.average_opt_statistics, dht=dht, scheduler=scheduler, **kwargs
-        )
-    return CollaborativeOptimizer(optimizer, dht=dht, scheduler=scheduler, **kwargs)
 
 
 def _warn_on_device_mismatch(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from bench.model import Batches, make_mlp, make_sgd
-from bench.recorder import Recorder, barrier
+from bench.recorder import Recorder
 from bench.sides import probe_core
+from tests.support.barrier import barrier
 
 
 def run(args: argparse.Namespace, recorder: Recorder) -> int:

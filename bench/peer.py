@@ -18,8 +18,9 @@ from hivemind.utils import get_dht_time
 
 from bench import probes
 from bench.model import Batches, compute, make_flat, make_mlp
-from bench.recorder import Recorder, barrier
+from bench.recorder import Recorder
 from bench.sides import Side, build_ours, build_plain, build_raw
+from tests.support.barrier import barrier
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

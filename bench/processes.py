@@ -1,14 +1,13 @@
 """Starting benchmark peers as separate OS processes, and ending every one of them, also on failure.
 
 Each peer gets its own session (``start_new_session=True``), so its DHT, averager and p2p daemon children share its
-process group; :meth:`PeerGroup.__exit__` SIGTERMs and then SIGKILLs each group.
+process group; :meth:`PeerGroup.__exit__` SIGTERMs and then SIGKILLs each group. Launching and stopping are the test
+suite's (:mod:`tests.support.processes`): one implementation for tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+from tests.support.processes import LOOPBACK, REPO_ROOT, launch_logged, peer_env, stop_process_group
+
+__all__ = ["LOOPBACK", "REPO_ROOT", "Launched", "PeerFailed", "PeerGroup", "wait_for_file"]
 
 
 class PeerFailed(RuntimeError):
@@ -43,50 +43,6 @@ class Launched:
 
     def tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
-
-
-def stop_group(process: subprocess.Popen, grace: float = 5.0) -> None:
-    """SIGTERM the process group of ``process``, then SIGKILL whatever is left of it."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # children may outlive their leader: always sweep the group
-    except ProcessLookupError:
-        pass
-    if process.poll() is None:
-        process.wait(grace)
-
-
-def peer_env(*layers: dict[str, str] | None) -> dict[str, str]:
-    """This process' environment with ``layers`` on top, unbuffered output and the repository on ``PYTHONPATH``."""
-    env = {**os.environ}
-    for layer in layers:
-        env.update(layer or {})
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
-def launch_logged(command: Sequence[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """Start ``command`` in the repository, in its own session (so :func:`stop_group` ends its children too), with
-    stdout and stderr going to ``log``."""
-    with open(log, "wb") as log_file:
-        return subprocess.Popen(
-            list(command),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=REPO_ROOT,
-            start_new_session=True,
-        )
 
 
 class PeerGroup:
@@ -124,7 +80,7 @@ class PeerGroup:
 
     def __exit__(self, *exc: Any) -> None:
         for peer in self.peers:
-            stop_group(peer.process)
+            stop_process_group(peer.process)
 
 
 def wait_for_file(path: Path, timeout: float, peers: Sequence[Launched]) -> None:

@@ -9,11 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from hivemind.utils import get_dht_time
 
 from bench import probes
-
-BARRIER_TIMEOUT = 120.0
 
 
 @dataclass
@@ -53,16 +50,3 @@ class Recorder:
         with open(self.out + ".tmp", "w") as handle:
             json.dump(record, handle)
         os.replace(self.out + ".tmp", self.out)
-
-
-def barrier(dht: Any, key: str, name: str, expected: int, timeout: float = BARRIER_TIMEOUT) -> None:
-    """Wait until ``expected`` peers stored themselves under ``key`` (a DHT record per peer); used by the test
-    peers too."""
-    dht.store(key, subkey=name, value=True, expiration_time=get_dht_time() + 600)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = dht.get(key, latest=True)
-        if found is not None and isinstance(found.value, dict) and len(found.value) >= expected:
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"barrier {key}: fewer than {expected} peers arrived within {timeout}s")

@@ -76,8 +76,8 @@ def probe_core(opt: Any, recorder: Recorder) -> None:
     """
     recorder.probe.wrap(opt.tracker, "fetch_now", "dht_read")
     recorder.probe.wrap(opt, "_view_if_target_reached", "target_check")
-    recorder.probe.wrap(opt._averager, "prepare_round", "prepare_round")
-    recorder.probe.wrap(opt._averager, "step", "averager_step")
+    recorder.probe.wrap(opt.collaboration.averager, "prepare_round", "prepare_round")
+    recorder.probe.wrap(opt.collaboration.averager, "step", "averager_step")
     recorder.probe.wrap(opt, "_apply_optimizer_step", "apply")
     recorder.probe.wrap(opt, "_finish_step", "finish")
 

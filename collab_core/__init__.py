@@ -2,8 +2,12 @@
 
 Peers accumulate one large batch together (tracked in a hivemind DHT), average their gradients with an all-reduce
 and take the same optimizer step. The Lightning and Accelerate integrations are thin layers over this package.
+
+Importing it does not change hivemind: its hivemind workarounds are applied by :func:`start_dht` (and the
+collaborative optimizers) through :func:`collab_core.hivemind_patches.apply`.
 """
 
+from collab_core import hivemind_patches
 from collab_core.dht import join_hint, start_dht
 from collab_core.optimizer import (
     DEFAULT_AVERAGING_TIMEOUT,
@@ -24,4 +28,5 @@ __all__ = [
     "DEFAULT_AVERAGING_TIMEOUT",
     "start_dht",
     "join_hint",
+    "hivemind_patches",
 ]

@@ -3,8 +3,9 @@
 Every network operation (matchmaking, all-reduce, state download) is hivemind's. This subclass adds what the
 collaborative step needs, each through the averager's own control pipe, like hivemind's ``set_group_bits``:
 
-* :meth:`CollaborativeAverager.prepare_round` puts the collaborative step number into the matchmaking group key, so
-  peers at different steps can never average together, and sets the group size to the number of peers known to be
+* :meth:`CollaborativeAverager.prepare_round` puts the collaborative step number and the state fingerprint into the
+  matchmaking group key, so peers at different steps, or holding different states, can never average together, and
+  sets the group size to the number of peers known to be
   at this step, so the group closes as soon as all of them are in instead of waiting out the matchmaking window.
 * State served to joining peers comes from a callback (:meth:`get_current_state`), so downloads carry exactly the
   parameters, optimizer state, scheduler state and step counter (no gradient buffers).
@@ -25,6 +26,7 @@ from hivemind.averaging.group_info import GroupInfo
 from hivemind.utils import MPFuture, get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 
+from collab_core.fingerprint import fingerprint_key_bits
 from collab_core.log import get_logger
 
 logger = get_logger(__name__)
@@ -82,9 +84,10 @@ class CollaborativeAverager(DecentralizedAverager):
         metadata, tensors = self._state_provider()
         return metadata, tensors, None
 
-    def prepare_round(self, step: int, group_size: int | None, timeout: float) -> None:
-        """Use the matchmaking key of collaborative step ``step`` and close groups at ``group_size`` peers."""
-        group_bits = format(step % (1 << STEP_KEY_BITS), f"0{STEP_KEY_BITS}b")
+    def prepare_round(self, step: int, group_size: int | None, timeout: float, fingerprint: str = "") -> None:
+        """Use the matchmaking key of collaborative step ``step`` and state ``fingerprint``; close groups at
+        ``group_size`` peers."""
+        group_bits = format(step % (1 << STEP_KEY_BITS), f"0{STEP_KEY_BITS}b") + fingerprint_key_bits(fingerprint)
         future = MPFuture()
         self._outer_pipe.send(("_prepare_round", [], dict(group_bits=group_bits, group_size=group_size, future=future)))
         future.result(timeout=timeout)

@@ -7,37 +7,11 @@ import shlex
 from typing import Any
 
 import hivemind
-from hivemind.dht.protocol import DHTProtocol
-from hivemind.dht.validation import DHTRecord
 
+from collab_core import hivemind_patches
 from collab_core.settings import CollaborativeSettings, env_var
 
 __all__ = ["DHTStartupError", "join_hint", "start_dht"]
-
-
-def _drop_invalid_subkeys(self: DHTProtocol, key_bytes: bytes, dictionary: Any) -> bool:
-    """Keep the valid sub-records of a dictionary value found on another node, dropping only the invalid ones.
-
-    WORKAROUND (hivemind 1.1.12, ``DHTProtocol._validate_dictionary``): hivemind discards a node's *whole* answer for
-    a key if one sub-record fails validation. One malformed progress record (stored, say, by the node of whoever
-    published it, which need not validate anything) then hides every honest peer's record from a reader that asks
-    that node: in our tests such a peer saw nobody and trained alone. Patched on the class when ``collab_core`` is
-    imported, so DHT processes started afterwards (they are forked) use it.
-    """
-    if self.record_validator is None:
-        return True
-    invalid = []
-    with dictionary.freeze():
-        for subkey, (value_bytes, expiration_time) in dictionary.items():
-            record = DHTRecord(key_bytes, self.serializer.dumps(subkey), value_bytes, expiration_time)
-            if not self.record_validator.validate(record):
-                invalid.append(subkey)
-    for subkey in invalid:
-        del dictionary[subkey]
-    return True
-
-
-DHTProtocol._validate_dictionary = _drop_invalid_subkeys  # type: ignore[method-assign]
 
 
 class DHTStartupError(RuntimeError):
@@ -58,6 +32,10 @@ def start_dht(
     ``startup_timeout`` seconds (for example because no initial peer can be reached), its background process is shut
     down and :class:`DHTStartupError` is raised, naming the addresses and what to check.
 
+    It first applies collab_core's hivemind workarounds (:func:`collab_core.hivemind_patches.apply`), so that a DHT
+    it starts runs with them; a ``dht`` passed in was forked when it started and has them only if they were applied
+    before that.
+
     Args:
         settings: The peer's settings.
         dht: An already running DHT to use instead of starting one. The network settings are then ignored.
@@ -72,6 +50,7 @@ def start_dht(
     """
     if startup_timeout <= 0:
         raise ValueError(f"startup_timeout must be > 0, got {startup_timeout!r}")
+    hivemind_patches.apply()  # before the DHT process is forked, so that it runs with the workarounds
     if dht is None:
         dht = _start_new_dht(settings, startup_timeout)
     else:

@@ -18,6 +18,9 @@ METRIC_DESCRIPTIONS: dict[str, str] = {
     "collab/samples_per_second": "the whole collaboration's throughput (samples/s over the last seconds)",
     "collab/eta_seconds": "estimated seconds until the next collaborative step (NaN while unknown or absurd)",
     "collab/last_round_samples": "samples averaged in this peer's last collaborative step",
+    "collab/failed_rounds": "averaging rounds that failed on this peer (not applied)",
+    "collab/state_downloads": "times this peer downloaded the collaboration's state",
+    "collab/forks_healed": "times this replica was found forked from the others and loaded the kept state",
 }
 #: throughputs below this (samples/s) are hivemind's placeholder for "not measured yet"
 MIN_REPORTED_RATE = 1e-6
@@ -55,6 +58,9 @@ def collaboration_metrics(optimizer: Any, progress: ProgressSnapshot | None = No
         "collab/samples_per_second": float(rate),
         "collab/eta_seconds": math.nan if eta is None else float(eta),
         "collab/last_round_samples": float(state.last_round_samples),
+        "collab/failed_rounds": float(state.failed_rounds),
+        "collab/state_downloads": float(state.state_downloads),
+        "collab/forks_healed": float(state.forks_healed),
     }
 
 

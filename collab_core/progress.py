@@ -22,13 +22,17 @@ import asyncio
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from hivemind.dht import DHT
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.optim.progress_tracker import GlobalTrainingProgress, LocalTrainingProgress, ProgressTracker
 from hivemind.utils import ValueWithExpiration, get_dht_time
+from pydantic.v1 import BaseModel, constr
 
+from collab_core.fingerprint import FINGERPRINT_LENGTH
 from collab_core.log import get_logger
+from collab_core.records import PeerRecord
 from collab_core.reporting import ProgressSnapshot, RateMeter, StatusSnapshot, StatusThrottle, eta_seconds, status_line
 
 logger = get_logger(__name__)
@@ -39,16 +43,22 @@ MAX_CLOCK_SKEW = 60.0
 MAX_PEER_ID_BYTES = 128
 
 
-@dataclass(frozen=True)
-class PeerRecord:
-    """One peer's published progress."""
+class CollabTrainingProgress(LocalTrainingProgress):
+    """hivemind's progress record plus this peer's state fingerprint (peers of other versions ignore the field)."""
 
-    peer_id: bytes
-    step: int
-    samples: int
-    samples_per_second: float
-    time: float
-    client_mode: bool
+    fingerprint: constr(max_length=FINGERPRINT_LENGTH, strict=True) = ""  # type: ignore[valid-type]
+
+
+class CollabProgressSchema(BaseModel):
+    """The DHT schema of the progress records with a fingerprint.
+
+    hivemind's ``SchemaValidator`` rejects a record that its schema would change when parsing, and its schema
+    (``TrainingProgressSchema``) drops unknown fields: a record with a fingerprint fails it. DHT nodes validate with
+    every schema registered for a key and accept a record that one of them matches, so this one is registered
+    beside hivemind's (records of older peers still match hivemind's).
+    """
+
+    progress: dict[BytesWithPublicKey, Optional[CollabTrainingProgress]]  # noqa: UP045 - pydantic v1 needs it
 
 
 @dataclass
@@ -96,7 +106,11 @@ class CollaborationTracker(ProgressTracker):
 
     local_progress: LocalTrainingProgress
 
-    def __init__(self, dht: DHT, prefix: str, target_batch_size: int, **kwargs: Any):
+    def __init__(self, dht: DHT, prefix: str, target_batch_size: int, *, fingerprint: str = "", **kwargs: Any):
+        #: this peer's state fingerprint, published with every record (set it before ``update_epoch``)
+        self.fingerprint = fingerprint
+        # before hivemind's own validator, so that this peer's first record is accepted by its own DHT node
+        dht.add_validators([SchemaValidator(CollabProgressSchema, prefix=prefix)])
         self._known_peers: frozenset[bytes] = frozenset()
         self._ignored_records: set[tuple[Any, str]] = set()  # (subkey, reason) already warned about
         self.last_published = -math.inf  # DHT time of the last record handed to the reporter thread
@@ -121,6 +135,17 @@ class CollaborationTracker(ProgressTracker):
         else:
             self.performance_ema.reset_timer()
         self.local_progress = self._get_local_progress(local_epoch, samples_accumulated)
+
+    def _get_local_progress(self, local_epoch: int, samples_accumulated: int) -> CollabTrainingProgress:
+        return CollabTrainingProgress(
+            peer_id=self.dht.peer_id.to_bytes(),
+            epoch=local_epoch,
+            samples_accumulated=samples_accumulated,
+            samples_per_second=self.performance_ema.samples_per_second,
+            time=get_dht_time(),
+            client_mode=self.client_mode,
+            fingerprint=getattr(self, "fingerprint", ""),  # hivemind's __init__ calls this before ours sets it
+        )
 
     @property
     def view(self) -> CollaborationView:
@@ -211,7 +236,7 @@ class CollaborationTracker(ProgressTracker):
                 if value is None:
                     continue  # a peer that left cleanly
                 try:
-                    parsed = LocalTrainingProgress.parse_obj(value)
+                    parsed = CollabTrainingProgress.parse_obj(value)
                 except Exception as e:  # a malformed record must not break the background thread
                     self._ignore_record(subkey, f"malformed ({type(e).__name__})")
                     continue
@@ -234,6 +259,7 @@ class CollaborationTracker(ProgressTracker):
                         samples_per_second=parsed.samples_per_second,
                         time=parsed.time,
                         client_mode=parsed.client_mode,
+                        fingerprint=parsed.fingerprint,
                     )
                 )
         local = self.local_progress
@@ -245,6 +271,7 @@ class CollaborationTracker(ProgressTracker):
                 samples_per_second=self.performance_ema.samples_per_second,
                 time=now,
                 client_mode=local.client_mode,
+                fingerprint=self.fingerprint,
             )
         )
         return records
@@ -308,4 +335,11 @@ class CollaborationTracker(ProgressTracker):
         return view
 
 
-__all__ = ["CollaborationTracker", "CollaborationView", "PeerRecord", "MAX_CLOCK_SKEW", "MAX_PEER_ID_BYTES"]
+__all__ = [
+    "CollaborationTracker",
+    "CollaborationView",
+    "CollabTrainingProgress",
+    "PeerRecord",
+    "MAX_CLOCK_SKEW",
+    "MAX_PEER_ID_BYTES",
+]

@@ -34,6 +34,13 @@ NON_SETTING_ENV_VARS: frozenset[str] = frozenset({"COLLAB_LOGLEVEL"})
 TRUE_STRINGS = ("1", "true", "yes", "on")
 FALSE_STRINGS = ("0", "false", "no", "off")
 
+# Averaging schemes accepted by the ``algorithm`` setting, with what each averages.
+ALGORITHMS: dict[str, str] = {
+    "gradient": "average gradients, then every peer takes the same optimizer step (CollaborativeOptimizer)",
+    "adaptive": "each peer steps, then parameters and average_opt_statistics are averaged "
+    "(CollaborativeAdaptiveOptimizer)",
+}
+
 # Compression names accepted by the ``compression`` setting, mapped to class names in ``hivemind.compression``.
 COMPRESSION_CLASSES: dict[str, str] = {
     "none": "NoCompression",
@@ -163,9 +170,19 @@ class CollaborativeSettings:
         default=None,
         metadata={"help": "Torch device on which gradients are accumulated, e.g. 'cpu' (None: same as parameters)."},
     )
+    algorithm: str = field(
+        default="gradient",
+        metadata={
+            "help": "Averaging scheme: 'gradient' (average gradients, every peer takes the same step) or "
+            "'adaptive' (each peer steps, then parameters and average_opt_statistics are averaged)."
+        },
+    )
     average_opt_statistics: list[str] = field(
         default_factory=list,
-        metadata={"help": "Names of optimizer state entries to average along with the parameters, e.g. exp_avg_sq."},
+        metadata={
+            "help": "With algorithm 'adaptive': names of optimizer state entries to average along with the "
+            "parameters, e.g. exp_avg_sq."
+        },
     )
     compression: str = field(
         default="none",
@@ -217,6 +234,12 @@ class CollaborativeSettings:
                 f"step_tolerance must be >= 0, got {self.step_tolerance}; set it to 0 or a small positive number of "
                 "steps, e.g. 1.",
                 setting="step_tolerance",
+            )
+        if self.algorithm not in ALGORITHMS:
+            raise CollaborativeConfigError(
+                f"algorithm: unknown averaging scheme {self.algorithm!r}; choose one of: {', '.join(ALGORITHMS)}."
+                f"{_suggestion(self.algorithm, list(ALGORITHMS))}",
+                setting="algorithm",
             )
         if self.compression not in COMPRESSION_CLASSES:
             raise CollaborativeConfigError(
@@ -379,7 +402,8 @@ class CollaborativeSettings:
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``CollaborativeOptimizer(opt, dht=..., **kwargs)``.
 
-        ``average_opt_statistics`` is not included: callers pass it separately.
+        ``algorithm`` and ``average_opt_statistics`` are not included: they choose the optimizer class (see
+        :func:`collab_core.join.make_collaborative_optimizer`).
         """
         import torch
 

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from typing_extensions import override
 
-from collab_core import CollaborativeAdaptiveOptimizer, CollaborativeOptimizer, CollaborativeSettings, start_dht
+from collab_core import CollaborativeOptimizer, CollaborativeSettings
+from collab_core.join import Membership, join
 from collab_core.log import get_logger
 from collab_core.metrics import PROGRESS_BAR_METRICS, collaboration_metrics
 from collab_core.reporting import CollaborationProgress
@@ -136,6 +137,7 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         step_tolerance: int | None = None,
         reuse_grad_buffers: bool | None = None,
         accumulate_grads_on: str | None = None,
+        algorithm: str | None = None,
         average_opt_statistics: list[str] | None = None,
         compression: str | None = None,
         verbose: bool | None = None,
@@ -165,8 +167,11 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
             reuse_grad_buffers: Accumulate gradients in ``param.grad`` to save memory (default False); the strategy
                 keeps Lightning from zeroing them mid-accumulation.
             accumulate_grads_on: Device that holds the accumulated gradients, e.g. "cpu" (default: the model's).
-            average_opt_statistics: Optimizer state entries to average with the parameters (e.g. ``exp_avg_sq``);
-                non-empty selects ``CollaborativeAdaptiveOptimizer`` (default: average gradients).
+            algorithm: Averaging scheme: "gradient" (average gradients, every peer takes the same step) or
+                "adaptive" (each peer steps, then parameters and ``average_opt_statistics`` are averaged)
+                (default "gradient").
+            average_opt_statistics: With ``algorithm="adaptive"``: optimizer state entries to average with the
+                parameters, e.g. ``exp_avg_sq`` (default: none).
             compression: Compression of the averaged tensors: none, float16, scaled-float16, uniform8bit,
                 quantile8bit (default none).
             verbose: Log collaboration progress at INFO level (default False).
@@ -195,6 +200,7 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
             step_tolerance=step_tolerance,
             reuse_grad_buffers=reuse_grad_buffers,
             accumulate_grads_on=accumulate_grads_on,
+            algorithm=algorithm,
             average_opt_statistics=average_opt_statistics,
             compression=compression,
             verbose=verbose,
@@ -206,6 +212,7 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         self.dht: Any = None
         self.join_hint: str | None = None
         self.collaborative_optimizer: CollaborativeOptimizer | None = None
+        self._membership: Membership | None = None
         self._grad_scaler: Any = None
         self._pending_samples = 0
         self._metrics_logged_at = float("-inf")
@@ -277,21 +284,9 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         scheduler = self._single_scheduler()
         self._grad_scaler = self._fp16_scaler(trainer)
         settings = self.settings
-        self.dht, self.join_hint = start_dht(settings, print_hint=False)
-        try:
-            kwargs: dict[str, Any] = dict(settings.optimizer_kwargs(), dht=self.dht, scheduler=scheduler)
-            if self._grad_scaler is not None:
-                kwargs["grad_scaler"] = self._grad_scaler
-            if settings.average_opt_statistics:
-                collaborative: CollaborativeOptimizer = CollaborativeAdaptiveOptimizer(
-                    optimizer, average_opt_statistics=settings.average_opt_statistics, **kwargs
-                )
-            else:
-                collaborative = CollaborativeOptimizer(optimizer, **kwargs)
-        except BaseException:
-            self.dht.shutdown()
-            self.dht = None
-            raise
+        membership = join(optimizer, settings, scheduler=scheduler, grad_scaler=self._grad_scaler, print_hint=False)
+        self._membership, self.dht, self.join_hint = membership, membership.dht, membership.join_hint
+        collaborative = membership.optimizer
         if previous is not None:
             self._continue_from(previous, collaborative)
         self.collaborative_optimizer = collaborative
@@ -330,10 +325,9 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         if self._patched_module is not None:
             vars(self._patched_module).pop("on_validation_model_zero_grad", None)
             self._patched_module = None
-        if self.collaborative_optimizer is not None:
-            self.collaborative_optimizer.shutdown()  # its state_dict still works: save_checkpoint after fit
-        if self.dht is not None:
-            self.dht.shutdown()
+        if self._membership is not None:
+            self._membership.close()  # the optimizer's state_dict still works: save_checkpoint after fit
+            self._membership = None
             self.dht = None
 
     # ------------------------------------------------------------------ training hooks

@@ -1,8 +1,11 @@
-"""Shared test set-up: make the helpers in tests/ importable (peer_processes, peers.core_peer)."""
+"""Shared test set-up. Helpers live in ``tests/support/`` and are imported as ``tests.support.<module>``.
 
-import sys
-from pathlib import Path
+DHT nodes that tests start in this process (bootstrap nodes, in-process peers' nodes) run with collab_core's
+hivemind workarounds, like the nodes ``collab_core.start_dht`` starts: they are applied here, before any of them
+is started. ``tests/unit/test_hivemind_patches.py`` checks in fresh interpreters that importing collab_core alone
+does not apply them.
+"""
 
-TESTS_DIR = Path(__file__).resolve().parent
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
+from collab_core import hivemind_patches
+
+hivemind_patches.apply()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import sys
 
-from console_output import absurd_etas, join_hints
-from peer_processes import REPO_ROOT, run_to_completion
+from tests.support.console_output import absurd_etas, join_hints
+from tests.support.processes import REPO_ROOT, run_to_completion
 
 
 def test_core_quickstart_demo_trains_identical_peers(tmp_path):

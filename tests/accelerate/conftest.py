@@ -1,8 +1,4 @@
-"""Fixtures for the in-process Accelerate tests: a fresh Accelerator per test, one DHT node for all of them.
-
-(This directory has no ``__init__.py`` on purpose: ``tests/`` is on ``sys.path``, so a package ``tests/accelerate``
-would be imported as ``accelerate`` and shadow the real library.)
-"""
+"""Fixtures for the in-process Accelerate tests: a fresh Accelerator per test, one DHT node for all of them."""
 
 from __future__ import annotations
 
@@ -11,8 +7,9 @@ from collections.abc import Iterator
 
 import hivemind
 import pytest
-from accelerate_inprocess import reset_accelerate_state
-from peer_processes import LOOPBACK
+
+from tests.support.accelerate_inprocess import reset_accelerate_state
+from tests.support.processes import LOOPBACK
 
 _run_ids = itertools.count()
 

@@ -5,10 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate_inprocess import collaborative_peer, loader, max_diff, plain_accelerate, reset_accelerate_state, train
-from accelerate_launching import LaunchedPeers
-from accelerate_replay import plain_loop_learning_rates
-from peer_processes import bootstrap_dht, collab_env
+
+from tests.support.accelerate_inprocess import (
+    collaborative_peer,
+    loader,
+    max_diff,
+    plain_accelerate,
+    reset_accelerate_state,
+    train,
+)
+from tests.support.accelerate_launching import LaunchedPeers
+from tests.support.accelerate_replay import plain_loop_learning_rates
+from tests.support.processes import bootstrap_dht, collab_env
 
 TARGET = 32  # = the data set: every epoch is one collaborative step of a peer alone, so resuming sees the same data
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 from accelerate import Accelerator
-from accelerate_inprocess import config
-from peer_processes import LOOPBACK, REPO_ROOT
-from peers.accelerate_peer import make_model, make_optimizer
 
 from accelerate_collab import CollaborativeConfig, prepare_collaborative
 from collab_core import CollaborativeConfigError, CollaborativeSettings
 from collab_core.settings import field_names
+from tests.peers.accelerate_peer import make_model, make_optimizer
+from tests.support.accelerate_inprocess import config
+from tests.support.processes import LOOPBACK, REPO_ROOT
 
 EXAMPLE_YAML = REPO_ROOT / "examples" / "accelerate" / "collab.yaml"
 

@@ -8,9 +8,10 @@ import time
 
 import pytest
 import torch
-from accelerate_launching import LaunchedPeers
-from console_output import absurd_etas, bar_frames, join_hints, most_lines_in_one_second
-from peer_processes import LOOPBACK, REPO_ROOT
+
+from tests.support.accelerate_launching import LaunchedPeers
+from tests.support.console_output import absurd_etas, bar_frames, join_hints, most_lines_in_one_second
+from tests.support.processes import LOOPBACK, REPO_ROOT
 
 EXAMPLE = REPO_ROOT / "examples" / "accelerate" / "train.py"
 CONFIG = REPO_ROOT / "examples" / "accelerate" / "collab.yaml"

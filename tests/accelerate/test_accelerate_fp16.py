@@ -11,9 +11,17 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate_inprocess import collaborative_peer, loader, max_diff, plain_accelerate, reset_accelerate_state, train
-from accelerate_launching import LaunchedPeers
-from peer_processes import bootstrap_dht, collab_env
+
+from tests.support.accelerate_inprocess import (
+    collaborative_peer,
+    loader,
+    max_diff,
+    plain_accelerate,
+    reset_accelerate_state,
+    train,
+)
+from tests.support.accelerate_launching import LaunchedPeers
+from tests.support.processes import bootstrap_dht, collab_env
 
 BATCH, TARGET, SCALE = 8, 32, 1024.0
 

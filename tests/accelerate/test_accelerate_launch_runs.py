@@ -18,11 +18,11 @@ import itertools
 import json
 
 import pytest
-from accelerate_launching import LaunchedPeers
-from accelerate_replay import contributions, max_diff, plain_loop_learning_rates, replay_single_process
-from peer_processes import bootstrap_dht, collab_env
 
 from accelerate_collab import METRIC_NAMES
+from tests.support.accelerate_launching import LaunchedPeers
+from tests.support.accelerate_replay import contributions, max_diff, plain_loop_learning_rates, replay_single_process
+from tests.support.processes import bootstrap_dht, collab_env
 
 pytestmark = pytest.mark.slow
 

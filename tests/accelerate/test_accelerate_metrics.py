@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate_inprocess import collaborative_peer, loader, train
 
 from accelerate_collab import METRIC_NAMES
+from tests.support.accelerate_inprocess import collaborative_peer, loader, train
 
 TARGET = 32
 

@@ -12,7 +12,15 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from accelerate_inprocess import (
+
+from accelerate_collab import (
+    CollaborativeAcceleratedOptimizer,
+    CollaborativeAcceleratedScheduler,
+    prepare_collaborative,
+)
+from collab_core import CollaborativeConfigError
+from tests.peers.accelerate_peer import make_data, make_model, make_optimizer, make_scheduler
+from tests.support.accelerate_inprocess import (
     collaborative_peer,
     config,
     loader,
@@ -21,14 +29,6 @@ from accelerate_inprocess import (
     reset_accelerate_state,
     train,
 )
-from peers.accelerate_peer import make_data, make_model, make_optimizer, make_scheduler
-
-from accelerate_collab import (
-    CollaborativeAcceleratedOptimizer,
-    CollaborativeAcceleratedScheduler,
-    prepare_collaborative,
-)
-from collab_core import CollaborativeConfigError
 
 BATCH = 8
 

@@ -1,7 +1,7 @@
 """The core's promises, each checked with real peers: separate OS processes with their own DHT nodes on loopback.
 
 Every run is a module-scoped fixture (several tests read the same run); the peers are started by
-``tests/peer_processes.py``, which ends every process group on exit, also when a test fails.
+``tests/support/processes.py``, which ends every process group on exit, also when a test fails.
 """
 
 from __future__ import annotations
@@ -11,61 +11,11 @@ from collections import Counter
 
 import pytest
 import torch
-from peer_processes import PeerSet, bootstrap_dht, collab_env
-from peers.core_peer import failed_round_step, make_model, make_optimizer, make_scheduler
-from round_contributions import contributed_batches, round_contributions
 
-TIMEOUT = 240
-
-
-def _max_diff(tensors_a, tensors_b) -> float:
-    return max((a - b).abs().max().item() for a, b in zip(tensors_a, tensors_b, strict=True))
-
-
-def _state_diff(state_a: dict, state_b: dict) -> float:
-    assert state_a.keys() == state_b.keys()
-    return max([0.0] + [(state_a[k] - state_b[k]).abs().max().item() for k in state_a])
-
-
-def run_peers(tmp_path, run_id, peer_specs, timeout=TIMEOUT, **settings):
-    """Run peers ``(name, args, env)`` to completion against a fresh bootstrap DHT; return their results."""
-    with bootstrap_dht() as dht, PeerSet(tmp_path, collab_env(dht, run_id, **settings)) as peers:
-        started = [peers.start(name, args, env) for name, args, env in peer_specs]
-        peers.wait(started, timeout=timeout)
-        return {peer.name: {**peer.result(), "log": peer.log_text()} for peer in started}
-
-
-def replay_single_process(results: dict, optimizer: str, steps: int, scheduler: bool):
-    """Train one model on every contributed micro-batch of each collaborative step as one large batch."""
-    model = make_model(0)
-    opt = make_optimizer(optimizer, model.parameters())
-    sched = make_scheduler(opt) if scheduler else None
-    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
-    for step in range(steps):
-        batches = [batch for sent in contributed_batches(results, step, "micro_batches").values() for batch in sent]
-        total = sum(len(x) for x, _ in batches)
-        opt.zero_grad()
-        loss = sum(loss_fn(model(x), y) for x, y in batches) / total
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-    return model, opt
-
-
-def _peer(name, batch_size, data_seed, steps, *extra, env=None, peers=3):
-    args = [
-        "--peers",
-        str(peers),
-        "--steps",
-        str(steps),
-        "--batch-size",
-        str(batch_size),
-        "--data-seed",
-        str(data_seed),
-    ]
-    return name, [*args, *extra], env or {}
-
+from tests.peers.core_peer import failed_round_step, make_scheduler
+from tests.support.core_runs import TIMEOUT, max_diff, peer_spec, replay_single_process, run_peers, state_diff
+from tests.support.processes import PeerSet, bootstrap_dht, collab_env
+from tests.support.round_contributions import contributed_batches, round_contributions
 
 # ---------------------------------------------------------------------------------------------------- runs
 
@@ -76,7 +26,7 @@ TARGET = 144
 @pytest.fixture(scope="module")
 def three_peers(tmp_path_factory):
     """3 peers with batch sizes 32/16/24, SGD with momentum and a LambdaLR scheduler."""
-    specs = [_peer(f"p{i}", bs, 100 + i, STEPS, "--scheduler") for i, bs in enumerate([32, 16, 24])]
+    specs = [peer_spec(f"p{i}", bs, 100 + i, STEPS, "--scheduler") for i, bs in enumerate([32, 16, 24])]
     return run_peers(
         tmp_path_factory.mktemp("three"),
         "three",
@@ -89,7 +39,7 @@ def three_peers(tmp_path_factory):
 
 def test_solo_peer_updates_exactly_when_target_reached(tmp_path):
     """Alone with target 256 and 32 samples per call, the parameters change on calls 8, 16, 24 and no others."""
-    specs = [_peer("solo", 32, 1, 3, "--compute-seconds", "0", peers=1)]
+    specs = [peer_spec("solo", 32, 1, 3, "--compute-seconds", "0", peers=1)]
     result = run_peers(tmp_path, "solo", specs, target_batch_size=256)["solo"]
     assert result["changes_at_call"] == [8, 16, 24]
     assert result["local_step"] == 3
@@ -109,7 +59,7 @@ def test_every_step_has_target_samples_from_several_peers(three_peers):
 def test_update_equals_single_process_large_batch(three_peers):
     model, _ = replay_single_process(three_peers, "sgd", STEPS, scheduler=True)
     for result in three_peers.values():
-        diff = _max_diff(result["final"]["params"], list(model.parameters()))
+        diff = max_diff(result["final"]["params"], list(model.parameters()))
         print(f"{result['name']}: max |peer - single-process replay| = {diff:.3e}")
         assert diff <= 1e-5
 
@@ -123,7 +73,10 @@ def test_peer_whose_round_failed_on_its_side_downloads_and_the_update_stays_exac
     after its round were in no round (``round_contributions`` tells them apart).
     """
     steps = 5
-    specs = [_peer("p0", 32, 200, steps, peers=2), _peer("p1", 16, 201, steps, "--fail-round-at-step", "2", peers=2)]
+    specs = [
+        peer_spec("p0", 32, 200, steps, peers=2),
+        peer_spec("p1", 16, 201, steps, "--fail-round-at-step", "2", peers=2),
+    ]
     results = run_peers(
         tmp_path, "failed_on_one", specs, target_batch_size=96, averaging_timeout=20, matchmaking_time=3
     )
@@ -139,7 +92,7 @@ def test_peer_whose_round_failed_on_its_side_downloads_and_the_update_stays_exac
     model, _ = replay_single_process(results, "sgd", steps, scheduler=False)
     for result in results.values():
         assert result["local_step"] == steps
-        assert _max_diff(result["final"]["params"], list(model.parameters())) <= 1e-5
+        assert max_diff(result["final"]["params"], list(model.parameters())) <= 1e-5
 
 
 def test_replicas_identical_after_every_step(three_peers):
@@ -148,8 +101,8 @@ def test_replicas_identical_after_every_step(three_peers):
         common = set(a["per_step"]) & set(b["per_step"])
         assert len(common) >= STEPS // 2
         for step in common:
-            worst = max(worst, _max_diff(a["per_step"][step]["params"], b["per_step"][step]["params"]))
-            worst = max(worst, _state_diff(a["per_step"][step]["state"], b["per_step"][step]["state"]))
+            worst = max(worst, max_diff(a["per_step"][step]["params"], b["per_step"][step]["params"]))
+            worst = max(worst, state_diff(a["per_step"][step]["state"], b["per_step"][step]["state"]))
     print(f"max difference between replicas (params and momentum, all steps) = {worst:.3e}")
     assert worst <= 1e-6
     assert all("0.momentum_buffer" in r["final"]["state"] for r in three_peers.values())
@@ -186,9 +139,9 @@ def late_join(tmp_path_factory):
     """2 peers train; a third starts once they are at step 3 and must download the state (step_tolerance 1)."""
     steps = 10
     specs = [
-        _peer("a", 32, 1, steps, "--scheduler", "--finish-peers", "3", peers=2),
-        _peer("b", 16, 2, steps, "--scheduler", "--finish-peers", "3", peers=2),
-        _peer("late", 24, 3, steps, "--scheduler", "--join-at-step", "3", "--finish-peers", "3", peers=2),
+        peer_spec("a", 32, 1, steps, "--scheduler", "--finish-peers", "3", peers=2),
+        peer_spec("b", 16, 2, steps, "--scheduler", "--finish-peers", "3", peers=2),
+        peer_spec("late", 24, 3, steps, "--scheduler", "--join-at-step", "3", "--finish-peers", "3", peers=2),
     ]
     return run_peers(
         tmp_path_factory.mktemp("late"),
@@ -213,8 +166,8 @@ def test_late_joiner_downloads_state_and_stays_identical(late_join):
         for other in (a, b):
             if step not in other["per_step"]:
                 continue  # that peer reached this step by a download too
-            worst = max(worst, _max_diff(late["per_step"][step]["params"], other["per_step"][step]["params"]))
-            worst = max(worst, _state_diff(late["per_step"][step]["state"], other["per_step"][step]["state"]))
+            worst = max(worst, max_diff(late["per_step"][step]["params"], other["per_step"][step]["params"]))
+            worst = max(worst, state_diff(late["per_step"][step]["state"], other["per_step"][step]["state"]))
     print(f"late joiner vs others after download (params and momentum) = {worst:.3e}")
     assert worst <= 1e-6
     # after the download the late peer contributes to later steps
@@ -239,8 +192,8 @@ def test_client_mode_peer_without_listen_address_contributes(tmp_path):
     steps = 10
     client_env = {"COLLAB_CLIENT_MODE": "1", "COLLAB_HOST_MADDRS": ""}
     specs = [
-        _peer("server", 32, 1, steps, peers=2),
-        _peer("client", 16, 2, steps, peers=2, env=client_env),
+        peer_spec("server", 32, 1, steps, peers=2),
+        peer_spec("client", 16, 2, steps, peers=2, env=client_env),
     ]
     results = run_peers(tmp_path, "client", specs, target_batch_size=96, averaging_timeout=20, matchmaking_time=3)
     server, client = results["server"], results["client"]
@@ -250,28 +203,28 @@ def test_client_mode_peer_without_listen_address_contributes(tmp_path):
     client_steps = [step for step in range(steps) if client["peer_id"] in server["participants"].get(step, ())]
     # the client's gradients reached the server's updates (its first steps may go to catching up with the server)
     assert len(client_steps) >= 3, client_steps
-    assert _max_diff(server["final"]["params"], client["final"]["params"]) <= 1e-6
+    assert max_diff(server["final"]["params"], client["final"]["params"]) <= 1e-6
     model, _ = replay_single_process(results, "sgd", steps, scheduler=False)
-    assert _max_diff(client["final"]["params"], list(model.parameters())) <= 1e-5
+    assert max_diff(client["final"]["params"], list(model.parameters())) <= 1e-5
 
 
 def test_reuse_grad_buffers_and_cpu_accumulation_match_large_batch(tmp_path):
     steps = 6
     specs = [
-        _peer("reuse", 32, 1, steps, peers=2, env={"COLLAB_REUSE_GRAD_BUFFERS": "1"}),
-        _peer("offload", 16, 2, steps, peers=2, env={"COLLAB_ACCUMULATE_GRADS_ON": "cpu"}),
+        peer_spec("reuse", 32, 1, steps, peers=2, env={"COLLAB_REUSE_GRAD_BUFFERS": "1"}),
+        peer_spec("offload", 16, 2, steps, peers=2, env={"COLLAB_ACCUMULATE_GRADS_ON": "cpu"}),
     ]
     results = run_peers(tmp_path, "modes", specs, target_batch_size=96, averaging_timeout=20, matchmaking_time=3)
     model, _ = replay_single_process(results, "sgd", steps, scheduler=False)
     for result in results.values():
-        assert _max_diff(result["final"]["params"], list(model.parameters())) <= 1e-5
-    assert _max_diff(results["reuse"]["final"]["params"], results["offload"]["final"]["params"]) <= 1e-6
+        assert max_diff(result["final"]["params"], list(model.parameters())) <= 1e-5
+    assert max_diff(results["reuse"]["final"]["params"], results["offload"]["final"]["params"]) <= 1e-6
 
 
 def test_adaptive_optimizer_averages_params_and_named_statistics(tmp_path):
     steps = 8
     specs = [
-        _peer(f"p{i}", bs, 10 + i, steps, "--optimizer", "adam", "--adaptive", "exp_avg_sq", peers=3)
+        peer_spec(f"p{i}", bs, 10 + i, steps, "--optimizer", "adam", "--adaptive", "exp_avg_sq", peers=3)
         for i, bs in enumerate([32, 16, 24])
     ]
     results = run_peers(tmp_path, "adaptive", specs, target_batch_size=144, averaging_timeout=20, matchmaking_time=3)
@@ -280,7 +233,7 @@ def test_adaptive_optimizer_averages_params_and_named_statistics(tmp_path):
     for a, b in itertools.combinations(results.values(), 2):
         for step in set(a["per_step"]) & set(b["per_step"]):
             sa, sb = a["per_step"][step], b["per_step"][step]
-            worst_params = max(worst_params, _max_diff(sa["params"], sb["params"]))
+            worst_params = max(worst_params, max_diff(sa["params"], sb["params"]))
             for key in sa["state"]:
                 diff = (sa["state"][key] - sb["state"][key]).abs().max().item()
                 if key.endswith("exp_avg_sq"):
@@ -303,9 +256,9 @@ def test_adaptive_optimizer_averages_params_and_named_statistics(tmp_path):
 def test_peer_dying_mid_allreduce_does_not_stall_or_split_survivors(tmp_path):
     steps, averaging_timeout, matchmaking_time = 7, 4, 2
     specs = [
-        _peer("a", 32, 1, steps, "--finish-peers", "2"),
-        _peer("b", 16, 2, steps, "--finish-peers", "2"),
-        _peer("victim", 24, 3, steps, "--die-at-step", "3"),
+        peer_spec("a", 32, 1, steps, "--finish-peers", "2"),
+        peer_spec("b", 16, 2, steps, "--finish-peers", "2"),
+        peer_spec("victim", 24, 3, steps, "--die-at-step", "3"),
     ]
     with bootstrap_dht() as dht:
         env = collab_env(
@@ -323,7 +276,7 @@ def test_peer_dying_mid_allreduce_does_not_stall_or_split_survivors(tmp_path):
         assert state["failed_rounds"] >= 1 or state["state_downloads"] >= 1
     assert any(r["collaboration_state"]["failed_rounds"] >= 1 for r in results.values())
     worst = max(
-        _max_diff(results["a"]["per_step"][k]["params"], results["b"]["per_step"][k]["params"])
+        max_diff(results["a"]["per_step"][k]["params"], results["b"]["per_step"][k]["params"])
         for k in set(results["a"]["per_step"]) & set(results["b"]["per_step"])
     )
     assert worst <= 1e-6
@@ -344,8 +297,8 @@ def test_step_tolerance_decides_when_a_lagging_peer_downloads(tmp_path, toleranc
     """
     common = ["--compute-seconds", "0", "--finish-peers", "2"]
     specs = [
-        _peer("ahead", 32, 1, 2, *common, peers=1),
-        _peer(
+        peer_spec("ahead", 32, 1, 2, *common, peers=1),
+        peer_spec(
             "lagging", 32, 2, 2, *common, "--join-at-step", "2", peers=1, env={"COLLAB_STEP_TOLERANCE": str(tolerance)}
         ),
     ]
@@ -356,5 +309,5 @@ def test_step_tolerance_decides_when_a_lagging_peer_downloads(tmp_path, toleranc
     assert lagging["calls"] == calls_before_download
     assert lagging["collaboration_state"]["state_downloads"] == 1
     assert lagging["collaboration_state"]["failed_rounds"] == 0
-    assert _max_diff(lagging["final"]["params"], ahead["final"]["params"]) == 0.0  # a download copies exactly
-    assert _state_diff(lagging["final"]["state"], ahead["final"]["state"]) == 0.0
+    assert max_diff(lagging["final"]["params"], ahead["final"]["params"]) == 0.0  # a download copies exactly
+    assert state_diff(lagging["final"]["state"], ahead["final"]["state"]) == 0.0

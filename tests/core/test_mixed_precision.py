@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peers.core_peer import make_model, make_optimizer
-from round_contributions import contributed_batches
 
 from collab_core import CollaborativeAdaptiveOptimizer
 from collab_core.amp import LossScaleKeeper
-from core.test_collaborative_semantics import _max_diff, _peer, run_peers
+from tests.peers.core_peer import make_model, make_optimizer
+from tests.support.core_runs import max_diff, peer_spec, run_peers
+from tests.support.round_contributions import contributed_batches
 
 STEPS = 6
 OVERFLOW_STEP = 2
@@ -39,7 +39,9 @@ def scaled_run(request, tmp_path_factory):
     peers = request.param
     overflow = ["--overflow-at-step", str(OVERFLOW_STEP)]
     specs = [
-        _peer(f"p{i}", 16, 300 + i, STEPS, "--grad-scale", "1024", *(overflow if i == peers - 1 else []), peers=peers)
+        peer_spec(
+            f"p{i}", 16, 300 + i, STEPS, "--grad-scale", "1024", *(overflow if i == peers - 1 else []), peers=peers
+        )
         for i in range(peers)
     ]
     return run_peers(
@@ -58,7 +60,7 @@ def test_overflow_step_is_skipped_by_every_peer(scaled_run):
         assert result["local_step"] == STEPS
         assert result["collaboration_state"]["overflow_steps"] == 1
         before, after = result["per_step"][OVERFLOW_STEP], result["per_step"][OVERFLOW_STEP + 1]
-        assert _max_diff(before["params"], after["params"]) == 0.0, "the overflow step changed the parameters"
+        assert max_diff(before["params"], after["params"]) == 0.0, "the overflow step changed the parameters"
         assert all(torch.isfinite(p).all() for p in result["final"]["params"])
 
 
@@ -66,7 +68,7 @@ def test_overflow_step_is_skipped_by_every_peer(scaled_run):
 def test_scaled_gradients_are_unscaled_once_per_step(scaled_run):
     replay = _replay_skipping(scaled_run, OVERFLOW_STEP)
     for result in scaled_run.values():
-        assert _max_diff(result["final"]["params"], list(replay.parameters())) < 1e-5
+        assert max_diff(result["final"]["params"], list(replay.parameters())) < 1e-5
 
 
 @pytest.mark.slow

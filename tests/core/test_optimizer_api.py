@@ -220,8 +220,12 @@ def test_adaptive_round_failure_rolls_back_everything(dht):
             return {(i, k): v.clone() for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()}
 
         state = optimizer_state()
-        collab._allreduce = lambda group: None  # the round fails
-        assert collab._run_round(group=[]) is None
+        # what the engine does around a round that did not complete: write this peer's part, then discard it
+        scheme = collab.collaboration.scheme
+        with collab.collaboration.averager.get_tensors() as buffers:
+            scheme.write(buffers, collab.local_step)
+        assert any(not torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))  # stepped locally
+        scheme.discard()
         assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
         assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters(), strict=True))
         after = optimizer_state()

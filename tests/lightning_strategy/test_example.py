@@ -9,8 +9,16 @@ import time
 
 import pytest
 import torch
-from console_output import absurd_etas, bar_metric, etas, join_hints, most_lines_in_one_second, our_log_lines
-from peer_processes import LOOPBACK, REPO_ROOT, PeerSet, run_to_completion
+
+from tests.support.console_output import (
+    absurd_etas,
+    bar_metric,
+    etas,
+    join_hints,
+    most_lines_in_one_second,
+    our_log_lines,
+)
+from tests.support.processes import LOOPBACK, REPO_ROOT, PeerSet, run_to_completion
 
 TRAIN = REPO_ROOT / "examples" / "lightning" / "train.py"
 CONFIG = REPO_ROOT / "examples" / "lightning" / "config.yaml"

@@ -12,12 +12,12 @@ import time
 
 import pytest
 import torch
-from peer_processes import REPO_ROOT, PeerSet, bootstrap_dht, collab_env
-from peers.core_peer import failed_round_step
-from peers.lightning_peer import lr_factor, make_net
-from round_contributions import contributed_batches, round_contributions
 
 from collab_core.metrics import METRIC_DESCRIPTIONS, PROGRESS_BAR_METRICS
+from tests.peers.core_peer import failed_round_step
+from tests.peers.lightning_peer import lr_factor, make_net
+from tests.support.processes import REPO_ROOT, PeerSet, bootstrap_dht, collab_env
+from tests.support.round_contributions import contributed_batches, round_contributions
 
 LIGHTNING_PEER = REPO_ROOT / "tests" / "peers" / "lightning_peer.py"
 TIMEOUT = 240

@@ -22,7 +22,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.tracking import GeneralTracker
 
 from accelerate_collab import CollaborativeConfig, prepare_collaborative
-from bench.recorder import barrier as shared_barrier
+from tests.support.barrier import barrier as shared_barrier
 
 BARRIER_TIMEOUT = 90.0
 FEATURES, CLASSES = 8, 4
@@ -72,7 +72,7 @@ class RecordingTracker(GeneralTracker):
 
 
 def barrier(dht, key: str, name: str, expected: int) -> None:
-    """Wait (at most ``BARRIER_TIMEOUT`` s) until ``expected`` peers arrived at ``key`` (the benchmarks' barrier)."""
+    """Wait (at most ``BARRIER_TIMEOUT`` s) until ``expected`` peers arrived at ``key`` (tests/support/barrier.py)."""
     shared_barrier(dht, key, name, expected, timeout=BARRIER_TIMEOUT)
 
 

@@ -13,15 +13,18 @@ import argparse
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 
 import torch
 from hivemind.averaging.allreduce import AllreduceException
 
-from bench.recorder import barrier as shared_barrier
 from collab_core import CollaborativeAdaptiveOptimizer, CollaborativeOptimizer, CollaborativeSettings, start_dht
 from collab_core.averager import CollaborativeAverager
+from collab_core.planner import Action, Decision
+from collab_core.sync import ServedState
+from tests.support.barrier import barrier as shared_barrier
 
 BARRIER_TIMEOUT = 60.0
 FAILED_ROUND_LOG = "round hook: failing the all-reduce of step"
@@ -45,7 +48,7 @@ def make_scheduler(opt: torch.optim.Optimizer):
 
 
 def barrier(dht, key: str, name: str, expected: int) -> None:
-    """Wait (at most ``BARRIER_TIMEOUT`` s) until ``expected`` peers arrived at ``key`` (the benchmarks' barrier)."""
+    """Wait (at most ``BARRIER_TIMEOUT`` s) until ``expected`` peers arrived at ``key`` (tests/support/barrier.py)."""
     shared_barrier(dht, key, name, expected, timeout=BARRIER_TIMEOUT)
 
 
@@ -95,6 +98,106 @@ def fail_round_after_exchange(at_step: int) -> None:
     CollaborativeAverager._run_allreduce_inplace_ = exchange_then_fail
 
 
+def fail_round_at_start(at_step: int) -> None:
+    """Test hook: the first all-reduce of step ``at_step`` or later fails on this peer as it starts, before this
+    peer sends anything: its groupmates get partial results (failure order (b)). Runs in the averager process."""
+    original = CollaborativeAverager._run_allreduce_inplace_
+    fired = []
+
+    async def fail_then_exchange(self, tensors, group_info, *args, **kwargs):
+        step = round_step(self, group_info)
+        if not fired and step >= at_step:
+            fired.append(True)
+            print(f"{FAILED_ROUND_LOG} {step} at its start", flush=True)
+            raise AllreduceException(f"test hook: the round of step {step} failed on this peer as it started")
+        return await original(self, tensors, group_info, *args, **kwargs)
+
+    CollaborativeAverager._run_allreduce_inplace_ = fail_then_exchange
+
+
+def freeze_in_round(at_step: int, seconds: float) -> None:
+    """Test hook: when this peer's all-reduce of step ``at_step`` starts, its whole process group is stopped
+    (SIGSTOP) for ``seconds``, then resumed (failure order (d)). A waker process in its own session sends SIGCONT."""
+    original = CollaborativeAverager._aggregate_with_group
+    fired = []
+
+    async def aggregate_frozen(self, group_info, *args, **kwargs):
+        if not fired and round_step(self, group_info) >= at_step:
+            fired.append(True)
+            group = os.getpgid(0)
+            print(f"freeze hook: SIGSTOP for {seconds}s at the all-reduce of step {at_step}", flush=True)
+            subprocess.Popen(
+                ["sh", "-c", f"sleep {seconds}; kill -CONT -{group}"], start_new_session=True, close_fds=True
+            )
+            os.killpg(group, signal.SIGSTOP)
+        return await original(self, group_info, *args, **kwargs)
+
+    CollaborativeAverager._aggregate_with_group = aggregate_frozen
+
+
+def step_alone_at(collab: CollaborativeOptimizer, at_step: int) -> None:
+    """Test hook: at ``at_step`` this peer's planner decides to step alone once, whoever else is there.
+
+    This is the wrong decision that forked the demo's replicas (after an asymmetric round both peers took a step on
+    their own): the engine must notice the fork and heal it, whatever made it.
+    """
+    planner = collab.collaboration.planner
+    plan_step = planner.plan_step
+    fired = []
+
+    def plan_wrongly(records, local, now, may_download):
+        decision = plan_step(records, local, now, may_download)
+        if not fired and local.step == at_step and decision.action in (Action.RUN_ROUND, Action.STEP_ALONE):
+            fired.append(True)
+            print(f"solo hook: stepping alone at step {at_step} instead of {decision.action.value}", flush=True)
+            return Decision(Action.STEP_ALONE)
+        return decision
+
+    planner.plan_step = plan_wrongly
+
+
+def delay_publication_after(collab: CollaborativeOptimizer, after_step: int, seconds: float) -> None:
+    """Test hook: once this peer reached ``after_step``, it publishes nothing for ``seconds`` (failure order (c)):
+    the others' views keep showing its previous record while they run their next round."""
+    tracker = collab.tracker
+    report, announce = tracker.report_local_progress, tracker.announce
+    window = []
+
+    def silent() -> bool:
+        if not window and collab.local_step >= after_step:
+            window.append(time.monotonic() + seconds)
+            print(f"publication hook: silent for {seconds}s from step {collab.local_step}", flush=True)
+        return bool(window) and time.monotonic() < window[0]
+
+    def report_late(local_epoch, samples_accumulated, update_global_samples=True, publish=True):
+        report(local_epoch, samples_accumulated, update_global_samples, publish=publish and not silent())
+
+    def announce_late(timeout):
+        if not silent():
+            announce(timeout)
+
+    tracker.report_local_progress = report_late
+    tracker.announce = announce_late
+
+
+def serve_own_state_for(collab: CollaborativeOptimizer, seconds: float) -> None:
+    """Test hook: for ``seconds`` from the first download attempt, every download returns this peer's own state, as
+    when the only peer it can reach is at its own step (a partition): the records ahead look unbacked."""
+    engine = collab.collaboration
+    fetch = engine.sync.fetch
+    window = []
+
+    def fetch_cut_off(timeout):
+        if not window:
+            window.append(time.monotonic() + seconds)
+        if time.monotonic() < window[0]:
+            print("partition hook: only this peer's own state is reachable", flush=True)
+            return ServedState(*engine._shared_state())
+        return fetch(timeout)
+
+    engine.sync.fetch = fetch_cut_off
+
+
 def failed_round_step(log: str) -> int:
     """The step whose all-reduce :func:`fail_round_after_exchange` failed, read from the peer's log."""
     match = re.search(FAILED_ROUND_LOG + r" (\d+)", log)
@@ -135,6 +238,13 @@ def main() -> int:
     parser.add_argument("--join-at-step", type=int, default=0, help="start only once the collaboration is here")
     parser.add_argument("--die-at-step", type=int, default=-1)
     parser.add_argument("--fail-round-at-step", type=int, default=-1, help="only this peer's round of it fails")
+    parser.add_argument("--fail-round-start-at-step", type=int, default=-1, help="its round fails as it starts")
+    parser.add_argument("--freeze-at-step", type=int, default=-1, help="SIGSTOP in the round of this step")
+    parser.add_argument("--freeze-seconds", type=float, default=0.0)
+    parser.add_argument("--solo-at-step", type=int, default=-1, help="wrongly step alone at this step once")
+    parser.add_argument("--silent-after-step", type=int, default=-1, help="publish nothing for a while from here")
+    parser.add_argument("--silent-seconds", type=float, default=0.0)
+    parser.add_argument("--cut-off-seconds", type=float, default=0.0, help="downloads serve its own state at first")
     parser.add_argument("--max-calls", type=int, default=100000)
     parser.add_argument("--grad-scale", type=float, default=0.0, help="fp16-style loss scaling with this scale")
     parser.add_argument("--overflow-at-step", type=int, default=-1, help="make this peer's gradient inf there")
@@ -155,12 +265,23 @@ def main() -> int:
         die_during_allreduce(args.die_at_step)
     if args.fail_round_at_step >= 0:
         fail_round_after_exchange(args.fail_round_at_step)
+    if args.fail_round_start_at_step >= 0:
+        fail_round_at_start(args.fail_round_start_at_step)
+    if args.freeze_at_step >= 0:
+        freeze_in_round(args.freeze_at_step, args.freeze_seconds)
     if args.adaptive:
         collab = CollaborativeAdaptiveOptimizer(
             opt, average_opt_statistics=args.adaptive.split(","), scheduler=scheduler, dht=dht, **kwargs
         )
     else:
         collab = CollaborativeOptimizer(opt, scheduler=scheduler, dht=dht, **kwargs)
+
+    if args.solo_at_step >= 0:
+        step_alone_at(collab, args.solo_at_step)
+    if args.silent_after_step >= 0:
+        delay_publication_after(collab, args.silent_after_step, args.silent_seconds)
+    if args.cut_off_seconds:
+        serve_own_state_for(collab, args.cut_off_seconds)
 
     barrier(dht, f"{settings.run_id}_test_start", args.name, args.peers)
     collab.tracker.fetch_now(timeout=5)  # see the peers that met at the barrier before the first step

@@ -19,14 +19,14 @@ import time
 import torch
 from hivemind.utils import get_dht_time
 
-from bench.recorder import barrier as shared_barrier
+from tests.support.barrier import barrier as shared_barrier
 
 BARRIER_TIMEOUT = 60.0
 FEATURES, CLASSES = 8, 4
 
 
 def barrier(dht, key: str, name: str, expected: int) -> None:
-    """Wait (at most ``BARRIER_TIMEOUT`` s) until ``expected`` peers arrived at ``key`` (the benchmarks' barrier)."""
+    """Wait (at most ``BARRIER_TIMEOUT`` s) until ``expected`` peers arrived at ``key`` (tests/support/barrier.py)."""
     shared_barrier(dht, key, name, expected, timeout=BARRIER_TIMEOUT)
 
 
@@ -235,7 +235,7 @@ def main() -> int:
     import lightning_collab
 
     if args.fail_round_at_step >= 0:  # patched before the averager process forks (in trainer.fit)
-        from core_peer import fail_round_after_exchange
+        from tests.peers.core_peer import fail_round_after_exchange
 
         fail_round_after_exchange(args.fail_round_at_step)
     L, Module, Recorder = build(args.namespace, args)

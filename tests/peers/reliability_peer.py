@@ -21,7 +21,10 @@ import typing
 
 import psutil
 import torch
-from core_peer import (
+
+from collab_core import CollaborativeOptimizer, CollaborativeSettings, start_dht
+from collab_core.averager import CollaborativeAverager
+from tests.peers.core_peer import (
     barrier,
     die_during_allreduce,
     fail_round_after_exchange,
@@ -31,9 +34,6 @@ from core_peer import (
     round_step,
     snapshot,
 )
-
-from collab_core import CollaborativeOptimizer, CollaborativeSettings, start_dht
-from collab_core.averager import CollaborativeAverager
 
 
 class LeaveRequested(BaseException):

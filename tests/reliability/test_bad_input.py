@@ -4,7 +4,7 @@ Scenario 10 runs a real peer process against an unreachable and a malformed ``CO
 within a bounded time with a message naming the address and what to check, leaving no process behind. The
 in-process variants (a closed port, a port that never speaks libp2p) are in ``tests/unit/test_dht_startup.py``.
 
-Scenario 11 is the bad-configuration table. Its rows live in ``tests/unit/test_settings.py`` (``BAD_PYTHON_VALUES``,
+Scenario 11 is the bad-configuration table. Its rows live in ``tests/support/bad_settings.py`` (``BAD_PYTHON_VALUES``,
 ``BAD_ENV_VALUES``, ``BAD_YAML_VALUES``, each a test per row asserting the setting named and the fix); here a table
 of the missing rows adds one wrong-type and one out-of-range value per setting through YAML and ``COLLAB_*``, and a
 coverage check makes sure every setting has rows of each kind.
@@ -18,12 +18,11 @@ from pathlib import Path
 
 import hivemind
 import pytest
-from peer_processes import LOOPBACK, PeerSet
-from unit.test_settings import BAD_ENV_VALUES, BAD_PYTHON_VALUES, BAD_YAML_VALUES
 
 from collab_core.settings import CollaborativeConfigError, CollaborativeSettings, env_var
-
-from .support import group_ends, peer_args, start
+from tests.support.bad_settings import BAD_ENV_VALUES, BAD_PYTHON_VALUES, BAD_YAML_VALUES
+from tests.support.processes import LOOPBACK, PeerSet
+from tests.support.reliability import group_ends, peer_args, start
 
 STARTUP_TIMEOUT = 8.0
 
@@ -79,6 +78,7 @@ WRONG_TYPE = {
     "step_tolerance": ("1.5", "1.5"),
     "reuse_grad_buffers": ("2", "maybe"),
     "accumulate_grads_on": ("[cpu]", None),
+    "algorithm": ("[gradient]", None),
     "average_opt_statistics": ("5", None),
     "compression": ("[none]", None),
     "verbose": ("'loud'", "loud"),
@@ -98,6 +98,7 @@ OUT_OF_RANGE = {
     "metadata_expiration": "-60",
     "step_tolerance": "-1",
     "accumulate_grads_on": "gpu7",
+    "algorithm": "gradients",
     "compression": "zip",
 }
 NO_RANGE = {"client_mode", "identity_path", "use_ipfs", "reuse_grad_buffers", "average_opt_statistics", "verbose"}
@@ -144,7 +145,7 @@ def test_out_of_range_in_yaml(tmp_path: Path, setting: str) -> None:
 
 def test_every_setting_has_a_row_of_each_kind() -> None:
     """The table covers every setting: wrong type (here), out of range (here, or not applicable), and the unknown
-    key, unknown variable and conflicting pair rows of tests/unit/test_settings.py exist."""
+    key, unknown variable and conflicting pair rows of tests/support/bad_settings.py exist."""
     assert set(WRONG_TYPE) == set(FIELDS)
     assert set(OUT_OF_RANGE) | NO_RANGE == set(FIELDS)
     assert any(row[1] == "target_bach_size" for row in BAD_YAML_VALUES)  # unknown YAML key

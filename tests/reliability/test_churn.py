@@ -15,9 +15,9 @@ import signal
 import time
 
 import pytest
-from peer_processes import PeerSet, bootstrap_dht, collab_env
 
-from .support import group_ends, max_replica_diff, peer_args, start, wait_for_file
+from tests.support.processes import PeerSet, bootstrap_dht, collab_env
+from tests.support.reliability import group_ends, max_replica_diff, peer_args, start, wait_for_file
 
 CHURN_SECONDS = float(os.environ.get("RELIABILITY_SOAK_SECONDS", "45"))
 CHURN_PERIOD = 5.0

@@ -11,9 +11,9 @@ import re
 import signal
 
 import pytest
-from peer_processes import PeerSet, bootstrap_dht, collab_env
 
-from .support import all_finite, longest_gap, max_replica_diff, peer_args, snapshot_diff, start
+from tests.support.processes import PeerSet, bootstrap_dht, collab_env
+from tests.support.reliability import all_finite, longest_gap, max_replica_diff, peer_args, snapshot_diff, start
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peer_processes import REPO_ROOT, PeerSet, bootstrap_dht, collab_env
 
-from .support import all_finite, max_replica_diff, peer_args, start, tensor_diff, wait_for_file
+from tests.support.processes import REPO_ROOT, PeerSet, bootstrap_dht, collab_env
+from tests.support.reliability import all_finite, max_replica_diff, peer_args, start, tensor_diff, wait_for_file
 
 pytestmark = pytest.mark.slow
 

@@ -20,10 +20,10 @@ import hivemind
 import pytest
 import torch
 from hivemind.dht.crypto import RSASignatureValidator
-from peer_processes import LOOPBACK, PeerSet, bootstrap_dht, collab_env
-from peers.core_peer import make_scheduler
 
-from .support import group_ends, max_replica_diff, peer_args, start, tensor_diff, wait_for_file
+from tests.peers.core_peer import make_scheduler
+from tests.support.processes import LOOPBACK, PeerSet, bootstrap_dht, collab_env
+from tests.support.reliability import group_ends, max_replica_diff, peer_args, start, tensor_diff, wait_for_file
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from console_output import absurd_etas, bar_frames, join_hints, most_lines_in_one_second
+from tests.support.console_output import absurd_etas, bar_frames, join_hints, most_lines_in_one_second
 
 BEFORE_LIGHTNING = "\n".join(
     [
@@ -41,7 +41,7 @@ def test_the_old_accelerate_bar_is_flagged_and_the_new_one_reads():
 
 
 def test_lightning_bar_values_are_read_from_tqdm_and_rich_bars():
-    from console_output import bar_metric, etas
+    from tests.support.console_output import bar_metric, etas
 
     rich = "collab/peers:    \n      2.000   \n  collab/eta_secon…\n   1.538  \n"
     tqdm = "3/45 [00:01, collab/step=1.000, collab/peers=2.000, collab/eta_seconds=nan]"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from peers.accelerate_peer import make_data, make_model, make_optimizer, make_scheduler
-from round_contributions import round_contributions, sent_in_round
+
+from tests.peers.accelerate_peer import make_data, make_model, make_optimizer, make_scheduler
+from tests.support.round_contributions import round_contributions, sent_in_round
 
 
 def max_diff(tensors_a, tensors_b) -> float:

@@ -9,7 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from peer_processes import REPO_ROOT, Peer, PeerSet
+
+from tests.support.processes import REPO_ROOT, Peer, PeerSet
 
 RELIABILITY_PEER = REPO_ROOT / "tests" / "peers" / "reliability_peer.py"
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peer_processes import REPO_ROOT, launch_logged, peer_env, stop_process_group
+
+from tests.support.processes import REPO_ROOT, launch_logged, peer_env, stop_process_group
 
 ACCELERATE_PEER = REPO_ROOT / "tests" / "peers" / "accelerate_peer.py"
 

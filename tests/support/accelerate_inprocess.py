@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from peer_processes import LOOPBACK
-from peers.accelerate_peer import make_data, make_model, make_optimizer, make_scheduler
 
 from accelerate_collab import CollaborativeConfig, prepare_collaborative
+from tests.peers.accelerate_peer import make_data, make_model, make_optimizer, make_scheduler
+from tests.support.processes import LOOPBACK
 
 
 def reset_accelerate_state() -> None:

@@ -1,8 +1,14 @@
-"""Start peers as separate OS processes and make sure every one of them ends, also when a test fails."""
+"""Start peers as separate OS processes and make sure every one of them ends, also when a test fails.
+
+Each peer gets its own session (``start_new_session=True``), so its DHT, averager and p2p daemon children share its
+process group, which :func:`stop_process_group` ends. The launching functions (:func:`peer_env`,
+:func:`launch_logged`, :func:`stop_process_group`) are also what the benchmarks (``bench/processes.py``) use.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,12 +20,55 @@ from pathlib import Path
 import hivemind
 import torch
 
-from bench.processes import launch_logged, peer_env  # one implementation for tests and benchmarks
-from bench.processes import stop_group as stop_process_group
+from collab_core import hivemind_patches
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CORE_PEER = REPO_ROOT / "tests" / "peers" / "core_peer.py"
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM the process group of ``process``, then SIGKILL whatever is left of it."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # children may outlive their leader: always sweep the group
+    except ProcessLookupError:
+        pass
+    if process.poll() is None:
+        process.wait(grace)
+
+
+def peer_env(*layers: dict[str, str] | None) -> dict[str, str]:
+    """This process' environment with ``layers`` on top, unbuffered output and the repository on ``PYTHONPATH``."""
+    env = {**os.environ}
+    for layer in layers:
+        env.update(layer or {})
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def launch_logged(command: Sequence[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start ``command`` in the repository, in its own session (so :func:`stop_process_group` ends its children
+    too), with stdout and stderr going to ``log``."""
+    with open(log, "wb") as log_file:
+        return subprocess.Popen(
+            list(command),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
 
 
 @dataclass
@@ -98,7 +147,9 @@ class PeerSet:
 
 @contextmanager
 def bootstrap_dht() -> Iterator[hivemind.DHT]:
-    """A DHT node in the test process that peers use as their initial peer."""
+    """A DHT node in the test process that peers use as their initial peer (with collab_core's hivemind
+    workarounds, like a node started by ``start_dht``)."""
+    hivemind_patches.apply()
     dht = hivemind.DHT(host_maddrs=[LOOPBACK], start=True)
     try:
         yield dht

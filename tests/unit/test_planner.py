@@ -1,0 +1,264 @@
+"""The round planner on fabricated views: every decision of the engine, including the failure orders that used to
+fork the replicas (issue 11's demo failure and partition), without a network or a clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from collab_core.planner import Action, LocalPeer, RoundPlanner, find_fork
+from collab_core.records import PeerRecord
+
+TARGET = 100
+FP_A, FP_B, FP_C = "a" * 16, "b" * 16, "c" * 16
+ME, P1, P2, P3 = b"me", b"p1", b"p2", b"p3"
+NOW = 1000.0
+
+
+def rec(peer_id, step, samples=0, fp=FP_A, *, time=NOW - 1, speed=10.0, client=False) -> PeerRecord:
+    return PeerRecord(peer_id, step, samples, speed, time, client, fp)
+
+
+def me(step, samples=0, fp=FP_A, client=False) -> tuple[LocalPeer, PeerRecord]:
+    """This peer as the planner sees it, and its own record in the view (always current)."""
+    return LocalPeer(ME, step, samples, fp, client), rec(ME, step, samples, fp, time=NOW, client=client)
+
+
+def planner(**kwargs) -> RoundPlanner:
+    return RoundPlanner(TARGET, kwargs.pop("step_tolerance", 1), retry_window=kwargs.pop("retry_window", 4.0))
+
+
+def ids(records) -> set[bytes]:
+    return {record.peer_id for record in records}
+
+
+# ------------------------------------------------------------------------------------------ targets and groups
+
+
+def test_below_target_it_accumulates_and_does_not_act():
+    local, mine = me(3, 40)
+    view = [mine, rec(P1, 3, 30)]
+    p = planner()
+    assert p.before_accumulating(view, local, NOW, may_download=True).action is Action.ACCUMULATE
+    assert p.samples_toward_step(view, local) == 70
+    assert not p.should_act(view, local, NOW)
+
+
+def test_target_reached_runs_a_round_with_every_peer_that_has_samples():
+    local, mine = me(3, 40)
+    # p3 is idle at this step since before this peer got there: not waited for
+    view = [mine, rec(P1, 3, 30), rec(P2, 3, 40), rec(P3, 3, 0, time=NOW - 9)]
+    p = planner()
+    p.record_step([ME], NOW - 5)
+    assert p.should_act(view, local, NOW)
+    decision = p.plan_step(view, local, NOW, may_download=True)
+    assert decision.action is Action.RUN_ROUND
+    assert ids(decision.group) == {ME, P1, P2}
+
+
+def test_alone_at_its_step_it_steps_alone():
+    local, mine = me(3, 120)
+    p = planner()
+    p.record_step([ME], NOW - 5)
+    assert p.plan_step([mine, rec(P1, 2, 50, client=True)], local, NOW, True).action is Action.STEP_ALONE
+
+
+def test_collaborations_first_step_waits_for_every_present_peer():
+    """Peers that start together must not race: at step 0 idle peers are expected too."""
+    local, mine = me(0, 120)
+    view = [mine, rec(P1, 0, 0), rec(P2, 0, 0)]
+    assert ids(planner().plan_step(view, local, NOW, True).group) == {ME, P1, P2}
+
+
+def test_peer_that_missed_a_round_is_not_expected_until_it_publishes_news():
+    local, mine = me(3, 120)
+    p = planner()
+    p.record_step([ME, P1], NOW - 10)
+    late = rec(P1, 3, 20, time=NOW - 2)
+    p.record_no_group([mine, late], local)
+    assert p.plan_step([mine, late], local, NOW, True).action is Action.STEP_ALONE
+    fresh = rec(P1, 3, 30, time=NOW - 1)
+    assert ids(p.plan_step([mine, fresh], local, NOW, True).group) == {ME, P1}
+
+
+def test_round_mate_whose_record_predates_the_step_is_expected_and_extrapolated():
+    """Failure order (c): a groupmate's publication of the new step is delayed past this peer's next round."""
+    local, mine = me(5, 60)
+    p = planner()
+    p.record_step([ME, P1], NOW - 2)
+    stale = rec(P1, 4, 80, time=NOW - 3, speed=20.0)  # its record still shows the step both just took
+    view = [mine, stale]
+    assert p.estimated_samples(view, local, NOW) == pytest.approx(60 + 2 * 20.0)
+    assert ids(p.expected_in_round(view, local)) == {ME, P1}
+
+
+def test_client_waits_for_a_peer_that_accepts_connections():
+    local, mine = me(3, 120, client=True)
+    view = [mine, rec(P1, 3, 0, time=NOW - 9), rec(P2, 3, 30, client=True)]  # the server is idle since before
+    p = planner()
+    p.record_step([ME], NOW - 5)
+    assert p.plan_step(view, local, NOW, True).action is Action.WAIT
+
+
+# ------------------------------------------------------------------------------------------ behind, ahead, downloads
+
+
+@pytest.mark.parametrize(
+    ("tolerance", "others_at", "expected"),
+    [(1, 4, Action.ACCUMULATE), (1, 5, Action.DOWNLOAD), (0, 4, Action.DOWNLOAD), (2, 5, Action.ACCUMULATE)],
+)
+def test_step_tolerance_decides_when_a_lagging_peer_downloads(tolerance, others_at, expected):
+    local, mine = me(3, 10)
+    view = [mine, rec(P1, others_at, 10)]
+    p = planner(step_tolerance=tolerance)
+    assert p.before_accumulating(view, local, NOW, may_download=True).action is expected
+
+
+def test_peer_ahead_means_download_never_a_step_alone():
+    local, mine = me(3, 120)
+    view = [mine, rec(P1, 4, 0)]
+    p = planner()
+    assert p.should_act(view, local, NOW)
+    assert p.plan_step(view, local, NOW, may_download=True).action is Action.DOWNLOAD
+    # the last download failed and backs off: it waits, it does not take the step the others already took
+    assert p.plan_step(view, local, NOW, may_download=False).action is Action.WAIT
+
+
+def test_clients_ahead_are_not_followed():
+    local, mine = me(3, 120)
+    p = planner()
+    p.record_step([ME], NOW - 5)
+    assert p.plan_step([mine, rec(P1, 7, 0, client=True)], local, NOW, True).action is Action.STEP_ALONE
+
+
+def test_refused_download_distrusts_records_ahead_only_until_the_back_off_ends():
+    """The partition case: idle peers ahead publish nothing new; after a failed download during the cut their
+    records must be believed again once the back-off ends, or the peer trains on alone from its stale state."""
+    local, mine = me(3, 120)
+    idle_ahead = rec(P1, 9, 0, time=NOW - 30)
+    view = [mine, idle_ahead]
+    p = planner()
+    p.record_refused_download(view, local, NOW, retry_at=NOW + 8)
+    assert not p.peers_ahead(view, local, NOW + 1)
+    assert p.plan_step(view, local, NOW + 1, may_download=False).action is not Action.DOWNLOAD
+    assert p.steps_behind(view, local, NOW + 8) == 6
+    assert p.before_accumulating(view, local, NOW + 8, may_download=True).action is Action.DOWNLOAD
+    # a record that changes is believed at once
+    assert p.peers_ahead([mine, rec(P1, 9, 0, time=NOW - 29)], local, NOW + 1)
+
+
+# ------------------------------------------------------------------------------------------ broken rounds
+
+
+def test_after_a_broken_round_it_retries_only_once_no_groupmate_can_have_taken_the_step():
+    """Failure orders (a)/(b): the all-reduce broke here after it began; groupmates may have applied it."""
+    local, mine = me(3, 120)
+    p = planner(retry_window=4.0)
+    group = [mine, rec(P1, 3, 50), rec(P2, 3, 50)]
+    p.record_broken_round(3, group, NOW)
+    silent = [mine, rec(P1, 3, 50, time=NOW - 1), rec(P2, 3, 50, time=NOW - 1)]
+    assert p.plan_step(silent, local, NOW + 1, True).action is Action.WAIT
+    # one groupmate shows it took the step: download, whatever the other shows
+    assert p.plan_step([*silent[:2], rec(P2, 4, 0, time=NOW + 1)], local, NOW + 1, True).action is Action.DOWNLOAD
+    # both failed too (news at step 3 since the failure): retry now
+    failed_too = [mine, rec(P1, 3, 50, time=NOW + 0.5), rec(P2, 3, 50, time=NOW + 0.5)]
+    assert p.plan_step(failed_too, local, NOW + 1, True).action is Action.RUN_ROUND
+
+
+def test_a_silent_groupmate_of_a_broken_round_is_waited_for_at_most_the_retry_window():
+    local, mine = me(3, 120)
+    p = planner(retry_window=4.0)
+    crashed = rec(P1, 3, 50, time=NOW - 1)
+    p.record_broken_round(3, [mine, crashed], NOW)
+    assert p.plan_step([mine, crashed], local, NOW + 3.9, True).action is Action.WAIT
+    assert p.plan_step([mine, crashed], local, NOW + 4.1, True).action is not Action.WAIT
+
+
+def test_issue_11_demo_failure_asymmetric_round_of_step_31():
+    """The demo run that ended 1.4e-2 apart: peer0 found no group, peer1's all-reduce broke at 85%. peer0 then stepped
+    alone to 32. peer1 must download peer0's state, and must never take step 31 alone."""
+    p0, p1 = planner(retry_window=4.0), planner(retry_window=4.0)
+    local0, mine0 = LocalPeer(P1, 31, 128, FP_A), rec(P1, 31, 128, time=NOW)
+    local1, mine1 = LocalPeer(ME, 31, 128, FP_A), rec(ME, 31, 128, time=NOW)
+    p0.record_no_group([mine0, rec(ME, 31, 128, time=NOW - 1)], local0)
+    p1.record_broken_round(31, [mine1, rec(P1, 31, 128, time=NOW - 1)], NOW)
+    # peer1 sees peer0 silent at 31 -> waits, while peer0 (peer1 absent) steps alone
+    assert p1.plan_step([mine1, rec(P1, 31, 128, time=NOW - 1)], local1, NOW + 0.5, True).action is Action.WAIT
+    assert p0.plan_step([mine0, rec(ME, 31, 128, time=NOW - 1)], local0, NOW + 0.5, True).action is Action.STEP_ALONE
+    # peer0 publishes step 32: peer1 downloads
+    assert p1.plan_step([mine1, rec(P1, 32, 0, FP_B, time=NOW + 1)], local1, NOW + 1, True).action is Action.DOWNLOAD
+
+
+# ------------------------------------------------------------------------------------------ forks
+
+
+def test_fork_two_against_one_the_single_replica_downloads_the_majority_state():
+    local, mine = me(32, 10, FP_C)  # "c" > "a": it would win a tie, but not against two peers
+    view = [mine, rec(P1, 32, 10, FP_A), rec(P2, 32, 10, FP_A)]
+    p = planner()
+    decision = p.before_accumulating(view, local, NOW, may_download=True)
+    assert decision.action is Action.DOWNLOAD and decision.fork is not None
+    assert decision.fork.winner == FP_A and decision.fork.sides[FP_C] == (ME,)
+    # the majority side sees the same fork and does nothing about it
+    majority = LocalPeer(P1, 32, 10, FP_A)
+    assert p.before_accumulating(view, majority, NOW, may_download=True).action is Action.ACCUMULATE
+
+
+def test_fork_tie_every_peer_computes_the_same_winner():
+    a, b = rec(ME, 32, 10, FP_A, time=NOW), rec(P1, 32, 10, FP_B)
+    assert find_fork([a, b], 32).winner == find_fork([b, a], 32).winner == FP_B
+    p = planner()
+    assert p.before_accumulating([a, b], LocalPeer(ME, 32, 10, FP_A), NOW, True).action is Action.DOWNLOAD
+    assert p.before_accumulating([a, b], LocalPeer(P1, 32, 10, FP_B), NOW, True).action is Action.ACCUMULATE
+
+
+def test_fork_side_that_no_peer_can_serve_loses():
+    """Two clients against one server: only the server's state can be downloaded, so the clients follow it."""
+    view = [rec(ME, 5, 0, FP_A, client=True, time=NOW), rec(P1, 5, 0, FP_A, client=True), rec(P2, 5, 0, FP_B)]
+    assert find_fork(view, 5).winner == FP_B
+
+
+def test_replicas_of_another_state_are_neither_counted_nor_expected():
+    local, mine = me(32, 60, FP_A)
+    view = [mine, rec(P1, 32, 60, FP_A), rec(P2, 32, 500, FP_C), rec(P3, 32, 500, FP_C)]
+    p = planner()
+    assert p.samples_toward_step(view, local) == 120
+    # this peer loses the fork (2 against 2, "c" > "a") and must download before contributing
+    assert p.plan_step(view, local, NOW, may_download=True).action is Action.DOWNLOAD
+    winner = LocalPeer(P2, 32, 500, FP_C)
+    assert ids(p.plan_step(view, winner, NOW, True).group) == {P2, P3}
+
+
+def test_both_stepped_alone_to_the_same_step_the_fork_is_healed_not_averaged_over():
+    """What the demo did after its asymmetric round: both peers took step 31 on their own. Same step, different
+    fingerprints: the loser downloads at its next step() instead of both training on apart."""
+    view = [rec(ME, 32, 8, FP_A, time=NOW), rec(P1, 32, 8, FP_B)]
+    loser = planner().before_accumulating(view, LocalPeer(ME, 32, 8, FP_A), NOW, True)
+    winner = planner().before_accumulating(view, LocalPeer(P1, 32, 8, FP_B), NOW, True)
+    assert (loser.action, winner.action) == (Action.DOWNLOAD, Action.ACCUMULATE)
+
+
+def test_forged_fingerprint_costs_one_refused_download_per_back_off_not_work_forever():
+    local, mine = me(7, 10, FP_A)
+    forged = rec(P1, 7, 10, FP_C, time=NOW - 1)
+    view = [mine, forged]
+    p = planner()
+    decision = p.before_accumulating(view, local, NOW, True)
+    assert decision.action is Action.DOWNLOAD  # it cannot know before trying
+    p.record_refused_download(view, local, NOW, retry_at=NOW + 16, fork=decision.fork)
+    assert p.fork(view, local, NOW + 1) is None
+    assert p.before_accumulating(view, local, NOW + 1, True).action is Action.ACCUMULATE
+    assert p.samples_toward_step(view, local) == 10  # and it never counted toward this peer's target
+    assert p.before_accumulating(view, local, NOW + 16, True).action is Action.DOWNLOAD  # bounded back-off
+
+
+def test_a_download_clears_distrust_and_counts_the_producers_as_round_mates():
+    local, mine = me(8, 0, FP_B)
+    p = planner()
+    p.record_refused_download([mine, rec(P1, 9, 0)], LocalPeer(ME, 7, 0, FP_A), NOW - 5, retry_at=NOW + 60)
+    p.record_download([mine, rec(P1, 7, 40), rec(P2, 8, 0)], 8, NOW)
+    assert p.unbacked == {} and set(p.round_mates) == {P1}
+    assert p.reached_step_at == NOW
+
+
+def test_records_without_fingerprint_are_no_fork():
+    assert find_fork([rec(ME, 3, 0, FP_A, time=NOW), rec(P1, 3, 0, "")], 3) is None
