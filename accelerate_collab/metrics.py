@@ -2,23 +2,38 @@
 
 The metrics (names and meaning in ``collab_core.metrics.METRIC_DESCRIPTIONS``, shared with the Lightning strategy)
 are logged after every change of the collaborative step (an update, a skipped overflow step or a state download).
+What the bar shows follows the shared rule of ``collab_core.reporting`` (the Lightning strategy uses it too).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from collab_core import CollaborativeOptimizer
 from collab_core.metrics import METRIC_DESCRIPTIONS, collaboration_metrics
+from collab_core.reporting import CollaborationProgress, format_eta, format_rate
 
 METRIC_NAMES = tuple(METRIC_DESCRIPTIONS)
 
 
+#: the bar is redrawn at most this often (seconds): a person's pace, also in a log file
+BAR_REFRESH_SECONDS = 0.5
+
+
 class ProgressReporter:
     """Shows the collaboration's progress on the main process.
+
+    The bar fills with the samples all peers accumulated toward the collaborative step being built (its label:
+    ``collaborative step k`` while ``k - 1`` steps are taken); when the step is taken it shows full, then the next
+    one starts. It shows the peers, the collaboration's samples/s over the last seconds of real time and the ETA
+    (``collab_core.reporting``: unknown says so), and is redrawn at most every :data:`BAR_REFRESH_SECONDS`. State
+    changes (peers joined or left, a state download, a failed round) are logged above it; with ``verbose`` the
+    core logs them itself and these lines go to DEBUG.
 
     Args:
         accelerator: the user's Accelerator; metrics go to ``accelerator.log`` when it has trackers
@@ -32,44 +47,73 @@ class ProgressReporter:
         self, accelerator: Any, optimizer: CollaborativeOptimizer, *, progress_bar: bool, log_metrics: bool
     ) -> None:
         self.accelerator, self.optimizer, self.log_metrics = accelerator, optimizer, log_metrics
+        verbose = getattr(optimizer, "status_loglevel", logging.DEBUG) >= logging.INFO  # INFO: verbose=True
+        self.progress = CollaborationProgress(
+            str(getattr(optimizer, "prefix", "collab")),
+            periodic=False,
+            level=logging.DEBUG if verbose else logging.INFO,
+        )
         self._bar: Any = None
+        self._drawn_at = -math.inf
+        self._frame: tuple[int, int] | None = None  # (label step, samples shown) of the latest state
+        self._drawn_frame: tuple[int, int] | None = None
+        self._downloads = 0
         if progress_bar:
             self._bar = tqdm(
                 total=optimizer.target_batch_size,
-                desc=f"collaborative step {optimizer.local_step}",
+                desc=f"collaborative step {optimizer.local_step + 1}",
                 dynamic_ncols=True,
                 # the bar is the collaboration's progress toward the next step; tqdm's own rate would be meaningless
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} samples [{elapsed}{postfix}]",
             )
 
     def after_call(self, step_changed: bool) -> None:
-        """Update the bar after a sync-step call; log the metrics if the collaborative step changed."""
-        if not (step_changed or self._bar is not None):
-            return
-        metrics = collaboration_metrics(self.optimizer)
-        if self._bar is not None:
-            state = self.optimizer.collaboration_state
-            self._bar.n = min(state.samples_accumulated, state.target_batch_size)
-            self._bar.set_description_str(f"collaborative step {metrics['collab/step']}", refresh=False)
-            eta = metrics["collab/eta_seconds"]
-            self._bar.set_postfix(
-                peers=int(metrics["collab/peers"]),
-                samples_per_s=f"{metrics['collab/samples_per_second']:.1f}",
-                eta="?" if math.isnan(eta) else f"{eta:.1f}s",
-                refresh=False,
-            )
-            if step_changed:
-                self._bar.refresh()
-            else:
-                self._bar.update(0)  # redraws at most every mininterval
+        """After a sync-step call: redraw the bar when due; log the metrics if the collaborative step changed."""
+        now = time.monotonic()
+        due = now - self._drawn_at >= BAR_REFRESH_SECONDS
+        if not (step_changed or due):
+            return  # the common case: nothing to compute
+        state = self.optimizer.collaboration_state
+        self.progress.update(state, now)
+        downloaded = state.state_downloads != self._downloads
+        self._downloads = state.state_downloads
+        if step_changed and not downloaded:  # the step was taken: its bar is full
+            self._frame = (state.optimizer_step, state.target_batch_size)
+        else:
+            self._frame = (state.optimizer_step + 1, min(state.samples_accumulated, state.target_batch_size))
+        if self._bar is not None and due:
+            self._draw(now)
         if step_changed and self.log_metrics and self.accelerator.trackers:
+            metrics = collaboration_metrics(self.optimizer, self.progress.latest)
             self.accelerator.log(metrics, step=int(metrics["collab/step"]))
 
+    def _draw(self, now: float, refresh: bool = True) -> None:
+        if self._frame is None:
+            return
+        label, samples = self._frame
+        progress = self.progress.latest
+        if progress is None:
+            return
+        full = samples >= progress.target
+        peers = f"{progress.peers} peer{'s' if progress.peers != 1 else ''}"
+        eta = format_eta(0.0 if full else progress.eta_seconds)
+        self._bar.n = samples
+        self._bar.set_description_str(f"collaborative step {label}", refresh=False)
+        self._bar.set_postfix_str(f"{peers}, {format_rate(progress.samples_per_second)}, ETA {eta}", refresh=False)
+        if refresh:
+            self._bar.refresh()
+        self._drawn_at, self._drawn_frame = now, self._frame
+
     def close(self) -> None:
-        """Close the bar (idempotent)."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        """Draw the latest state (if not shown yet) and close the bar, e.g. before a final summary (idempotent)."""
+        if self._bar is None:
+            return
+        if self._frame != self._drawn_frame:
+            now = time.monotonic()
+            self.progress.update(self.optimizer.collaboration_state, now)
+            self._draw(now, refresh=False)  # close() draws it
+        self._bar.close()
+        self._bar = None
 
 
-__all__ = ["METRIC_NAMES", "ProgressReporter", "collaboration_metrics"]
+__all__ = ["BAR_REFRESH_SECONDS", "METRIC_NAMES", "ProgressReporter", "collaboration_metrics"]

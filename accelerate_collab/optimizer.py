@@ -236,6 +236,12 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
 
     # ------------------------------------------------------------------ leaving
 
+    def close_progress_bar(self) -> None:
+        """Show the progress bar's final state and close it, e.g. before printing a summary (idempotent; a no-op on
+        the other local processes and with ``progress_bar=False``). :meth:`shutdown` closes it too."""
+        if self._reporter is not None:
+            self._reporter.close()
+
     def shutdown(self) -> None:
         """Leave the collaboration (progress bar, averager, and the DHT if ``prepare_collaborative`` started it).
 

@@ -33,6 +33,7 @@ from pydantic.v1 import BaseModel, constr
 from collab_core.fingerprint import FINGERPRINT_LENGTH
 from collab_core.log import get_logger
 from collab_core.records import PeerRecord
+from collab_core.reporting import ProgressSnapshot, RateMeter, StatusSnapshot, StatusThrottle, eta_seconds, status_line
 
 logger = get_logger(__name__)
 
@@ -323,11 +324,14 @@ class CollaborationTracker(ProgressTracker):
         self._known_peers = peer_ids
         view.next_fetch_time = now + min(max(refresh, self.min_refresh_period), self.max_refresh_period)
 
-        logger.log(
-            self.status_loglevel,
-            f"{self.prefix}: step {global_step}, {view.samples_accumulated}/{self.target_batch_size} samples from "
-            f"{len(records)} peer(s), ETA {time_to_next_step:.2f}s",
-        )
+        # the status line: INFO (with verbose) only when peers come or go or at a human pace (collab_core.reporting)
+        throttle, meter = self.__dict__.setdefault("_status", (StatusThrottle(), RateMeter()))
+        meter.observe(global_step * self.target_batch_size + view.samples_accumulated)  # the collaboration's progress
+        rate = meter.rate()
+        eta = eta_seconds(remaining, rate)
+        shown = ProgressSnapshot(global_step, len(records), view.samples_accumulated, self.target_batch_size, rate, eta)
+        reasons = throttle.reasons(StatusSnapshot(step=global_step, peers=len(records)))
+        logger.log(self.status_loglevel if reasons else logging.DEBUG, status_line(self.prefix, shown, reasons))
         return view
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -41,6 +42,9 @@ BATCH_SIZES = (32, 24, 16, 28, 20, 36, 12, 40)
 # when told to)
 JOIN_AT, LEAVE_AT, KILL_AT = 0.25, 0.4, 0.6
 POLL_SECONDS = 0.25
+# a peer whose status file (rewritten every 0.3 s) is older than this has stopped reporting: the plot and the table
+# count it as gone (the DHT view of the other peers keeps a crashed peer's record until it expires, 60 s)
+STALE_SECONDS = 2.0
 
 
 @dataclass
@@ -80,6 +84,13 @@ class DemoPeer:
             self.status = json.loads(self.status_file.read_text())
         except (OSError, ValueError):
             pass
+
+    @property
+    def reporting(self) -> bool:
+        """Whether this peer is still reporting: alive, with a status written in the last ``STALE_SECONDS``."""
+        if self.exit_state is not None or self.process is None or "time" not in self.status:
+            return False
+        return time.time() - self.status["time"] <= STALE_SECONDS
 
 
 def roles_for(peers: int) -> list[str]:
@@ -133,6 +144,7 @@ class Demo:
         self.bootstrap: subprocess.Popen | None = None
         self.join_env: dict[str, str] = {}
         self.timeline: list[dict] = []
+        self.presence: list[dict] = []  # {"time", "reporting"}: how many peers were reporting at each poll
         self.events: list[str] = []
         self.started = time.monotonic()
         from rich.console import Console
@@ -248,8 +260,9 @@ class Demo:
                     os.killpg(peer.process.pid, signal.SIGKILL)  # with its DHT and averager: a crashed machine
                     peer.signalled = True
                     self.event(f"{peer.name}: SIGKILL at step {step}")
-            if peer.status and peer.exit_state is None:
+            if peer.reporting:  # a peer that stopped reporting drops out of the plot at once
                 self.timeline.append({**peer.status, "time": round(now, 2), "peer": peer.name})
+        self.presence.append({"time": round(now, 2), "reporting": sum(peer.reporting for peer in self.peers)})
 
     # ------------------------------------------------------------------ output
 
@@ -258,18 +271,23 @@ class Demo:
         from rich.table import Table
         from rich.text import Text
 
+        from collab_core.reporting import format_eta  # the rule of every integration: an unknown ETA says so
+
         table = Table(title=f"collaborative training — run {self.args.run_id!r}, target {self.args.target_batch_size}")
         for column in ("peer", "role", "state", "samples/s", "step", "peers", "toward target", "ETA", "loss", "acc"):
             table.add_column(column, justify="right" if column not in ("peer", "role", "state") else "left")
         for peer in self.peers:
             s = peer.status
             toward = f"{s['samples_accumulated']}/{s['target_batch_size']}" if "samples_accumulated" in s else ""
-            eta = f"{s['eta']:.1f}s" if s.get("eta") is not None and peer.exit_state is None else ""
+            live = peer.reporting
+            eta = format_eta(s.get("eta")) if live and "eta" in s else ""
+            rate = s.get("samples_per_second") if live else None
+            state = peer.state if live or peer.exit_state is not None or not s else "not reporting"
             table.add_row(
                 peer.name,
                 peer.role,
-                peer.state,
-                f"{s.get('samples_per_second', 0):.0f}" if s else "",
+                state,
+                f"{rate:.0f}" if rate is not None else "",
                 str(s.get("step", "")),
                 str(s.get("peers", "")),
                 toward,
@@ -316,7 +334,9 @@ class Demo:
             f"surviving peers with identical weights: {verdict} ({len(survivors)} compared, max |difference| "
             f"{max_diff:.2e})"
         )
-        console.print(f"outputs: {self.out}/ (model.pt, metrics.csv, {plot.name if plot else 'no plot'}, peers/*/)")
+        console.print(
+            f"outputs: {self.out}/ (model.pt, metrics.csv, peers.csv, {plot.name if plot else 'no plot'}, peers/*/)"
+        )
         if not identical or not survivors:
             return code or 1
         return code
@@ -346,12 +366,18 @@ class Demo:
             writer = csv.DictWriter(out, columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.timeline)
+        with open(self.out / "peers.csv", "w", newline="") as out:
+            writer = csv.DictWriter(out, ["time", "reporting"])
+            writer.writeheader()
+            writer.writerows(self.presence)
 
     def plot(self) -> Path | None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
+        from collab_core.reporting import RATE_WINDOW_SECONDS
 
         if not self.timeline:
             return None
@@ -365,14 +391,21 @@ class Demo:
             axes[0, 0].plot([r["step"] for r in with_loss], [r["train_loss"] for r in with_loss], ".", label=label)
             with_acc = [r for r in rows if "val_accuracy" in r and "step" in r]
             axes[0, 1].plot([r["step"] for r in with_acc], [r["val_accuracy"] for r in with_acc], "-", label=label)
-            with_peers = [r for r in rows if "peers" in r]
-            axes[1, 0].step([r["time"] for r in with_peers], [r["peers"] for r in with_peers], label=label)
-            axes[1, 1].plot([r["time"] for r in rows], [r.get("samples_per_second", 0) for r in rows], label=label)
+            # this peer's samples/s over the last seconds of real time (collab_core.reporting.RateMeter, as in the
+            # live table); the line ends when the peer stops reporting
+            rates = [r.get("samples_per_second") for r in rows]
+            axes[1, 1].plot([r["time"] for r in rows], [math.nan if v is None else v for v in rates], label=label)
+            if peer.exit_state is not None and peer.exit_state != "finished":
+                axes[1, 0].axvline(rows[-1]["time"], color="grey", linestyle=":", linewidth=1)
+                axes[1, 0].annotate(f"{peer.name} {peer.exit_state}", (rows[-1]["time"], 0.2), fontsize=7, rotation=90)
+        if self.presence:
+            times, counts = [p["time"] for p in self.presence], [p["reporting"] for p in self.presence]
+            axes[1, 0].step(times, counts, where="post", color="black", label="peers reporting")
         titles = [
             ("training loss", "collaborative step"),
             ("validation accuracy", "collaborative step"),
-            ("peers in the collaboration (as each peer sees it)", "seconds"),
-            ("samples/s per peer", "seconds"),
+            (f"peers in the collaboration (gone: no status for {STALE_SECONDS:g} s)", "seconds"),
+            (f"samples/s per peer (over the last {RATE_WINDOW_SECONDS:g} s)", "seconds"),
         ]
         for axis, (title, xlabel) in zip(axes.flat, titles, strict=True):
             axis.set_title(title)

@@ -20,6 +20,7 @@ The strategy only translates Lightning's configuration and hooks; every collabor
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from collab_core import CollaborativeOptimizer, CollaborativeSettings
 from collab_core.join import Membership, join
 from collab_core.log import get_logger
 from collab_core.metrics import PROGRESS_BAR_METRICS, collaboration_metrics
+from collab_core.reporting import CollaborationProgress
 
 if TYPE_CHECKING:  # for type checkers the mixin is a strategy (both namespaces' strategies have the same API)
     from pytorch_lightning.strategies import SingleDeviceStrategy as _TypedStrategyBase
@@ -214,6 +216,8 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         self._grad_scaler: Any = None
         self._pending_samples = 0
         self._metrics_logged_at = float("-inf")
+        self._progress: CollaborationProgress | None = None
+        self._progress_at = float("-inf")
         self._patched_module: Any = None
 
     # ------------------------------------------------------------------ what users read
@@ -275,13 +279,17 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         super().teardown()
 
     def _join_collaboration(self, trainer: Any) -> None:
+        previous = self.collaborative_optimizer  # from an earlier fit of this Trainer (shut down), or None
         optimizer = self._single_optimizer()
         scheduler = self._single_scheduler()
         self._grad_scaler = self._fp16_scaler(trainer)
         settings = self.settings
         membership = join(optimizer, settings, scheduler=scheduler, grad_scaler=self._grad_scaler, print_hint=False)
         self._membership, self.dht, self.join_hint = membership, membership.dht, membership.join_hint
-        collaborative = self.collaborative_optimizer = membership.optimizer
+        collaborative = membership.optimizer
+        if previous is not None:
+            self._continue_from(previous, collaborative)
+        self.collaborative_optimizer = collaborative
         self.optimizers = [collaborative]
         for config in self.lr_scheduler_configs:
             config.scheduler = _SchedulerDrivenByCollaboration(config.scheduler)  # type: ignore[assignment]
@@ -291,8 +299,27 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
             self._patched_module = self.lightning_module
             self._patched_module.on_validation_model_zero_grad = _keep_accumulated_gradients
         self._pending_samples = 0
+        # Lightning's progress bar shows the numbers; the console gets a line only when the state changes (peers
+        # joined or left, a download, a failed round). With verbose=True the core logs those itself.
+        self._progress = CollaborationProgress(
+            settings.run_id, periodic=False, level=logging.DEBUG if settings.verbose else logging.INFO
+        )
+        self._progress_at = float("-inf")
         banner = "=" * 78
         print(f"{banner}\n[collaborative] run {settings.run_id!r}: {self.join_hint}\n{banner}", flush=True)
+
+    def _continue_from(self, previous: CollaborativeOptimizer, collaborative: CollaborativeOptimizer) -> None:
+        """A second ``fit`` of the same Trainer: continue at the collaborative step the first one reached, with its
+        optimizer and scheduler state (Lightning built fresh ones), as if resuming from a checkpoint taken after the
+        first ``fit``. A checkpoint given to this ``fit`` (``ckpt_path``) is restored afterwards and wins."""
+        state = previous.state_dict()  # works after shutdown
+        try:
+            collaborative.load_state_dict(state)
+        except (ValueError, KeyError, RuntimeError) as e:
+            logger.warning(
+                f"strategy='collaborative': this fit cannot continue the optimizer state of the previous fit ({e}); "
+                f"it starts at collaborative step 0 instead of {state.get('local_step')}"
+            )
 
     def _leave_collaboration(self) -> None:
         if self._patched_module is not None:
@@ -343,10 +370,18 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
 
     def _log_metrics(self) -> None:
         module = self.lightning_module
-        if module is None or self.collaborative_optimizer is None or not self._metrics_due(module.trainer):
+        collaborative = self.collaborative_optimizer
+        if module is None or collaborative is None:
             return
-        self._metrics_logged_at = time.monotonic()
-        for name, value in collaboration_metrics(self.collaborative_optimizer).items():
+        now = time.monotonic()
+        if self._progress is not None and now - self._progress_at >= METRICS_REFRESH_SECONDS:
+            self._progress_at = now
+            self._progress.update(collaborative.collaboration_state, now)  # smoothed numbers; state-change lines
+        if not self._metrics_due(module.trainer):
+            return
+        self._metrics_logged_at = now
+        progress = self._progress.latest if self._progress is not None else None
+        for name, value in collaboration_metrics(collaborative, progress).items():
             module.log(name, value, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR_METRICS, batch_size=1)
 
     def _metrics_due(self, trainer: Any) -> bool:

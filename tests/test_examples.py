@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import sys
 
+from tests.support.console_output import absurd_etas, join_hints
 from tests.support.processes import REPO_ROOT, run_to_completion
 
 
@@ -36,5 +38,29 @@ def test_demo_driver_runs_a_collaboration_with_churn(tmp_path):
     assert returncode == 0, output
     assert "surviving peers with identical weights: yes" in output
     assert "peer2: SIGKILL" in output and "peer1 started" in output
-    for name in ("model.pt", "metrics.csv", "plot.png", "bootstrap.log", "peers/peer0/peer.log"):
+    for name in ("model.pt", "metrics.csv", "peers.csv", "plot.png", "bootstrap.log", "peers/peer0/peer.log"):
         assert (out / name).exists(), name
+    print(output[-4000:])
+    assert absurd_etas(output) == []
+    for peer in ("peer0", "peer1", "peer2"):  # every training peer printed its join hint once (into its log)
+        log = (out / "peers" / peer / "peer.log").read_text(errors="replace")
+        assert join_hints(log) == 1, peer
+        # the peers run with COLLAB_VERBOSE=1: the tracker's status lines are at INFO, with sane ETAs (before, the
+        # first read "ETA 12800000000000000000000.00s")
+        assert "[collab_core.progress]" in log and absurd_etas(log) == [], f"{peer}: {absurd_etas(log)}"
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    for peer in ("peer0", "peer1", "peer2"):
+        # samples/s over 5 s of real time: no spikes (before: above 4000 on a run averaging a few hundred, from
+        # rates taken between two batches a moment apart)
+        mine = [row for row in rows if row["peer"] == peer]
+        rates = [float(row["samples_per_second"]) for row in mine if row["samples_per_second"]]
+        average = (int(mine[-1]["samples"]) - int(mine[0]["samples"])) / (
+            float(mine[-1]["time"]) - float(mine[0]["time"])
+        )
+        assert rates and max(rates) <= 4 * average, f"{peer}: max {max(rates):.0f} samples/s, average {average:.0f}"
+    # the killed peer counts as gone as soon as it stops reporting (its last row), not when its DHT record expires
+    presence = [(float(row["time"]), int(row["reporting"])) for row in csv.DictReader(open(out / "peers.csv"))]
+    assert max(count for _, count in presence) == 3
+    killed_last = max(float(row["time"]) for row in rows if row["peer"] == "peer2")
+    after_kill = [count for time, count in presence if time > killed_last]
+    assert after_kill and after_kill[0] == 2

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torchmetrics.classification import MulticlassAccuracy
+from tqdm.auto import tqdm
 
 from accelerate_collab import CollaborativeConfig, prepare_collaborative
 
@@ -39,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="this peer's data order (default: random)")
     parser.add_argument("--min-peers", type=int, default=1, help="wait until this many peers are in the run")
     parser.add_argument("--wait-seconds", type=float, default=60.0, help="how long to wait for --min-peers")
+    parser.add_argument("--log-every", type=int, default=10, help="print the loss every this many collaborative steps")
     return parser.parse_args()
 
 
@@ -106,10 +108,13 @@ def main() -> None:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            if not optimizer.step_was_skipped:  # a collaborative update happened
-                accelerator.print(f"\nstep {optimizer.collaborative_step}: loss {loss.item():.3f}")
-            if optimizer.collaborative_step >= args.max_steps:
+            step = optimizer.collaborative_step
+            if not optimizer.step_was_skipped and (step % args.log_every == 0 or step >= args.max_steps):
+                if accelerator.is_main_process:  # tqdm.write keeps the progress bar intact
+                    tqdm.write(f"step {step}: loss {loss.item():.3f}")
+            if step >= args.max_steps:
                 break
+    optimizer.close_progress_bar()  # its final state, before anything else is printed
 
     model.eval()
     accuracy = MulticlassAccuracy(num_classes=10, average="micro").to(accelerator.device)
@@ -122,7 +127,7 @@ def main() -> None:
         "num_peers": optimizer.num_peers,
         "test_accuracy": accuracy.compute().item(),
     }
-    accelerator.print(f"\nfinished: {json.dumps(result)}")
+    accelerator.print(f"finished: {json.dumps(result)}")
     if args.output_dir is not None:
         accelerator.save_model(model, args.output_dir)  # model.safetensors
         if accelerator.is_main_process:

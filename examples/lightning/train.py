@@ -17,7 +17,6 @@ progress up to date (``make demo`` reads it for its live view).
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import threading
@@ -31,6 +30,7 @@ from pytorch_lightning.cli import LightningCLI
 from sklearn.datasets import load_digits
 
 import lightning_collab  # noqa: F401  (registers strategy="collaborative"; class_path in the YAML works without it)
+from collab_core.reporting import CollaborationProgress, RateMeter
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -117,13 +117,15 @@ class PeerStatusFile(pl.Callback):
     """Keeps ``path`` a JSON snapshot of this peer's progress, rewritten every ``interval`` seconds by a thread.
 
     A thread (not a training hook) because the interesting moments, averaging and state downloads, happen inside
-    ``optimizer.step()``, when no hook runs.
+    ``optimizer.step()``, when no hook runs. Its numbers follow ``collab_core.reporting``, like the progress bars:
+    this peer's samples/s over the last seconds of real time, and an ETA that is None while unknown.
     """
 
     def __init__(self, path: str, interval: float = 0.3):
         self.path, self.interval = Path(path), interval
         self.state, self.samples = "joining", 0
-        self.recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, samples) of the last 2 s
+        self.meter = RateMeter()  # this peer's samples/s (only the writer thread touches it)
+        self.progress = CollaborationProgress("status", log=lambda level, message: None)  # the collaboration's ETA
         self.trainer: pl.Trainer | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="PeerStatusFile", daemon=True)
@@ -134,18 +136,6 @@ class PeerStatusFile(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.samples += len(batch[0])
-        now = time.monotonic()
-        self.recent.append((now, self.samples))
-        while len(self.recent) > 2 and now - self.recent[0][0] > 2.0:
-            self.recent.popleft()
-
-    @property
-    def rate(self) -> float:
-        """Samples per second over the last 2 seconds of training (compute and collaboration waits included)."""
-        if len(self.recent) < 2 or self.state != "training":
-            return 0.0
-        (t0, s0), (t1, s1) = self.recent[0], self.recent[-1]
-        return (s1 - s0) / max(t1 - t0, 1e-6)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.state = "finished"
@@ -156,19 +146,22 @@ class PeerStatusFile(pl.Callback):
         self._write()
 
     def _snapshot(self) -> dict:
-        snapshot = {"state": self.state, "samples": self.samples, "samples_per_second": self.rate, "time": time.time()}
+        self.meter.observe(self.samples)
+        rate = self.meter.rate() if self.state == "training" else None  # compute and collaboration waits included
+        snapshot = {"state": self.state, "samples": self.samples, "samples_per_second": rate, "time": time.time()}
         strategy = getattr(self.trainer, "strategy", None)
         optimizer = getattr(strategy, "collaborative_optimizer", None)
         if optimizer is not None:
             state = optimizer.collaboration_state
             if self.state == "training" and optimizer.activity in ("averaging", "downloading"):
                 snapshot["state"] = optimizer.activity
+            progress = self.progress.update(state)
             snapshot.update(
                 step=state.optimizer_step,
                 peers=state.num_peers,
                 samples_accumulated=state.samples_accumulated,
                 target_batch_size=state.target_batch_size,
-                eta=max(0.0, state.eta_next_step - time.time()) if state.eta_next_step < float("inf") else None,
+                eta=progress.eta_seconds,
             )
         metrics = getattr(self.trainer, "callback_metrics", {}) or {}
         for name in ("train_loss", "val_accuracy"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.support.accelerate_launching import LaunchedPeers
+from tests.support.console_output import absurd_etas, bar_frames, join_hints, most_lines_in_one_second
 from tests.support.processes import LOOPBACK, REPO_ROOT
 
 EXAMPLE = REPO_ROOT / "examples" / "accelerate" / "train.py"
@@ -53,6 +54,7 @@ def test_example_two_peers_train_identical_models(tmp_path):
         )
         peers.wait([first, second], timeout=180)
         logs = peers.logs()
+        consoles = {"first": first.log_text(), "second": second.log_text()}
 
     results = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("first", "second")}
     models = {name: load_file(str(tmp_path / name / "model.safetensors")) for name in ("first", "second")}
@@ -66,6 +68,28 @@ def test_example_two_peers_train_identical_models(tmp_path):
     assert diff <= 1e-6
     assert all(t.dtype == torch.float32 for t in models["second"].values())
     assert "collaborative step" in logs  # the progress bar
+    for name, console in consoles.items():
+        check_console_reads_well(name, console)
+
+
+def check_console_reads_well(name: str, console: str) -> None:
+    """What a person sees of one peer: the join hint once, the bar at a human pace, integer steps, a bar that
+    fills, no absurd ETA, and nothing of the bar after the final summary."""
+    assert join_hints(console) == 1, f"{name}: the join hint should be printed once\n{console[-3000:]}"
+    assert absurd_etas(console) == [], f"{name}: absurd ETAs {absurd_etas(console)}"
+    assert most_lines_in_one_second(console, ("INFO", "WARNING")) <= 4, f"{name}: too many lines\n{console[-3000:]}"
+    frames = bar_frames(console)
+    assert frames, f"{name}: no progress bar\n{console[-3000:]}"
+    assert all(frame.step.isdigit() for frame in frames), f"{name}: steps {sorted({f.step for f in frames})}"
+    assert all(frame.total == 128 and frame.n <= frame.total for frame in frames)
+    assert any(frame.n == frame.total for frame in frames), f"{name}: the bar never filled: {frames[-5:]}"
+    # redrawn about twice a second (+ the first and the closing frame), not once per call
+    assert len(frames) <= 3 * (frames[-1].elapsed_seconds + 1) + 2, f"{name}: {len(frames)} frames"
+    assert all("samples/s" in frame.postfix and "ETA" in frame.postfix for frame in frames[1:])
+    summary = console.index("finished: ")
+    assert not bar_frames(console[summary:]), f"{name}: the bar was drawn after the summary\n{console[summary:]}"
+    if "Downloading parameters" not in console:  # else its last step may have come by a download, unfilled
+        assert frames[-1].step == str(STEPS) and frames[-1].n == frames[-1].total, f"{name}: ends with {frames[-1]}"
 
 
 def test_example_reports_a_bad_config_key_and_exits(tmp_path):

@@ -57,7 +57,9 @@ def test_metrics_logged_to_trackers_once_per_collaborative_step(dht, run_id, cap
         assert values["collab/last_round_samples"] == TARGET
         assert values["collab/samples_per_second"] > 0
     bar = capsys.readouterr().err
-    assert "collaborative step 3" in bar and "peers=1" in bar and "samples_per_s=" in bar and "eta=" in bar
+    assert "collaborative step 3: 100%" in bar and "32/32 samples" in bar  # the last step, full
+    assert "1 peer," in bar and "samples/s" in bar and "ETA" in bar
+    assert "collaborative step 3.0" not in bar  # an integer step
 
 
 @pytest.mark.parametrize("with_trackers", [False, True], ids=["no-trackers", "log_metrics=False"])

@@ -10,6 +10,14 @@ import time
 import pytest
 import torch
 
+from tests.support.console_output import (
+    absurd_etas,
+    bar_metric,
+    etas,
+    join_hints,
+    most_lines_in_one_second,
+    our_log_lines,
+)
 from tests.support.processes import LOOPBACK, REPO_ROOT, PeerSet, run_to_completion
 
 TRAIN = REPO_ROOT / "examples" / "lightning" / "train.py"
@@ -32,9 +40,9 @@ def _wait_for_hint(peer, timeout: float = 120.0) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_two_lightning_cli_peers_from_the_yaml_config(tmp_path):
+    # the progress bar stays on: this is what a newcomer sees
     common = ["fit", "--config", str(CONFIG), "--model.collaborative_steps", "4", "--model.wait_for_peers", "2",
-              "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-              "--trainer.strategy.init_args.matchmaking_time", "10"]  # fmt: skip
+              "--trainer.logger", "false", "--trainer.strategy.init_args.matchmaking_time", "10"]  # fmt: skip
     with PeerSet(tmp_path, {"COLLAB_HOST_MADDRS": LOOPBACK}) as peers:
         # PeerSet passes --name/--out first: the CLI script takes them via the launcher below
         first = peers.start("first", [str(TRAIN), *common, "--output_dir", str(tmp_path / "first")], script=LAUNCH)
@@ -50,7 +58,21 @@ def test_two_lightning_cli_peers_from_the_yaml_config(tmp_path):
     a, b = (torch.load(tmp_path / name / "model.pt") for name in ("first", "second"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert "This peer runs in client mode" in logs["second"]
-    assert "averaged step 3 with 2 of 2" in logs["first"]
+    for name, console in logs.items():
+        check_console_reads_well(name, console)
+
+
+def check_console_reads_well(name: str, console: str) -> None:
+    """What a person sees of one peer: the join hint once; our numbers in Lightning's progress bar (sane ETAs) and,
+    at INFO, only state changes, at a human pace (the old tracker logged every refresh: ~40 lines/s alone)."""
+    assert join_hints(console) == 1, f"{name}: the join hint should be printed once\n{console[-3000:]}"
+    assert absurd_etas(console) == [], f"{name}: absurd ETAs {absurd_etas(console)}"
+    assert 2.0 in bar_metric(console, "collab/peers"), f"{name}: Lightning's bar lacks our numbers"
+    assert etas(console), f"{name}: no ETA in Lightning's bar"
+    assert most_lines_in_one_second(console, ("INFO", "WARNING")) <= 4, f"{name}: too many lines\n{console[-3000:]}"
+    for _, level, message in our_log_lines(console):
+        if level == "INFO" and ": step " in message:  # a status line at INFO: only with news, in parentheses
+            assert message.endswith(")"), f"{name}: a status line without a state change at INFO: {message}"
 
 
 def test_strategy_help_shows_the_docstrings():

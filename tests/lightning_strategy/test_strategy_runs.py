@@ -301,8 +301,8 @@ def test_fp16_overflow_is_skipped_by_every_peer_once_per_collaborative_step(prec
 @pytest.fixture(scope="module")
 def lifecycle_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lifecycle")
-    args = ["--steps", "3", "--batch-size", "8", "--accumulate", "2", "--fit-twice", "--evaluate", "--csv-dir",
-            str(workdir)]  # fmt: skip
+    args = ["--steps", "3", "--batch-size", "8", "--accumulate", "2", "--fit-twice", "--second-fit-steps", "6",
+            "--scheduler", "step", "--evaluate", "--csv-dir", str(workdir)]  # fmt: skip
     result = run_lightning_peers(workdir, "lifecycle", [("solo", args, {})], target_batch_size=64)["solo"]
     result["csv"] = list(csv.DictReader(open(next(workdir.glob("run/version_*/metrics.csv")))))
     return result
@@ -339,10 +339,20 @@ def test_teardown_ends_every_hivemind_process_and_thread(lifecycle_run):
 @pytest.mark.slow
 def test_one_trainer_fits_twice_then_validates_tests_and_predicts(lifecycle_run):
     assert lifecycle_run["after_first_fit"]["collaborative_step"] == 3
-    assert lifecycle_run["second_fit"]["collaborative_step"] == 3
+    assert lifecycle_run["second_fit"]["collaborative_step"] == 6
     evaluation = lifecycle_run["evaluation"]
     assert "val_loss" in evaluation["validate"][0] and "test_loss" in evaluation["test"][0]
     assert len(evaluation["predict"]) == 64
+
+
+@pytest.mark.slow
+def test_a_second_fit_continues_from_the_collaborative_step_the_first_reached(lifecycle_run):
+    """Issue 11: the second ``fit`` of a Trainer went back to collaborative step 0 (and a fresh scheduler)."""
+    second = lifecycle_run["second_fit"]
+    assert second["steps_seen_at_start"] == 3
+    assert second["first_step_reached"] == 4  # its first update is the collaboration's 4th
+    assert second["scheduler_last_epoch"] == 6
+    assert lifecycle_run["final_lr"] == pytest.approx(BASE_LR * lr_factor(6), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------------- manual optimization

@@ -99,6 +99,7 @@ def build(namespace: str, args: argparse.Namespace):
             self.batches, self.per_step, self.lrs_used, self.participants, self.contributions = [], {}, {}, {}, {}
             self.num_peers_seen, self.steps_seen_at_start = 0, None
             self.fits = 0
+            self.stop_at = args.steps
             self.met_peers = False
             self.children_during_fit, self.threads_during_fit, self.visible_maddrs = [], [], []
 
@@ -174,7 +175,7 @@ def build(namespace: str, args: argparse.Namespace):
                     self.lrs_used[self.step_before] = self.lr_before
                 if args.wait_for_joiner_at_step and strategy.collaborative_step == args.wait_for_joiner_at_step:
                     self._wait_for_joiner(strategy)
-            if strategy.collaborative_step >= args.steps:
+            if strategy.collaborative_step >= self.stop_at:
                 trainer.should_stop = True
 
         def _wait_for_joiner(self, strategy):
@@ -223,6 +224,7 @@ def main() -> int:
     parser.add_argument("--ckpt-in", default=None, help="fit(ckpt_path=...)")
     parser.add_argument("--ckpt-out", default=None, help="trainer.save_checkpoint(...) after fit")
     parser.add_argument("--fit-twice", action="store_true")
+    parser.add_argument("--second-fit-steps", type=int, default=None, help="the second fit stops at this step")
     parser.add_argument("--evaluate", action="store_true", help="also validate, test and predict")
     parser.add_argument("--join-at-step", type=int, default=0)
     parser.add_argument("--wait-for-joiner-at-step", type=int, default=0)
@@ -301,9 +303,13 @@ def main() -> int:
     if args.fit_twice:
         recorder.per_step.clear()
         trainer.fit_loop.max_epochs = 2000
+        recorder.stop_at = args.second_fit_steps if args.second_fit_steps is not None else args.steps
         trainer.fit(model, train)
+        scheduler = strategy.collaborative_optimizer.scheduler
         second_fit = {
             "collaborative_step": strategy.collaborative_step,
+            "scheduler_last_epoch": scheduler.last_epoch if scheduler is not None else None,
+            "first_step_reached": min(recorder.per_step) if recorder.per_step else None,
             "children": _children(),
             "threads": _live_threads(),
             "steps_seen_at_start": recorder.steps_seen_at_start,

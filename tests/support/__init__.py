@@ -8,4 +8,5 @@
 - ``accelerate_inprocess``, ``accelerate_launching``, ``accelerate_replay``: in-process Accelerate peers,
   ``accelerate launch`` peers and single-process replays of their runs.
 - ``bad_settings``: the bad-configuration table (settings and the error each must give).
+- ``console_output``: reading a peer's console as a person would (our log lines, ETAs, join hints, bar frames).
 """
