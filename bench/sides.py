@@ -74,12 +74,13 @@ def probe_core(opt: Any, recorder: Recorder) -> None:
     the ``dht_read`` spans. Then ``prepare_round`` (group key and size), the matchmaking request, ``apply``
     (``opt.step()``) and ``finish`` (new step published to the tracker).
     """
+    engine = opt.collaboration
     recorder.probe.wrap(opt.tracker, "fetch_now", "dht_read")
-    recorder.probe.wrap(opt, "_view_if_target_reached", "target_check")
-    recorder.probe.wrap(opt.collaboration.averager, "prepare_round", "prepare_round")
-    recorder.probe.wrap(opt.collaboration.averager, "step", "averager_step")
-    recorder.probe.wrap(opt, "_apply_optimizer_step", "apply")
-    recorder.probe.wrap(opt, "_finish_step", "finish")
+    recorder.probe.wrap(engine, "_view_to_act_on", "target_check")
+    recorder.probe.wrap(engine.averager, "prepare_round", "prepare_round")
+    recorder.probe.wrap(engine.averager, "step", "averager_step")
+    recorder.probe.wrap(engine.local, "apply", "apply")
+    recorder.probe.wrap(engine, "_finish_step", "finish")
 
 
 def build_raw(model: torch.nn.Module, recorder: Recorder) -> Side:

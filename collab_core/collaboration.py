@@ -31,6 +31,7 @@ download; serving a state takes it too, so a joiner never receives a half-applie
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -50,6 +51,7 @@ from collab_core.local_update import LocalUpdate
 from collab_core.log import get_logger
 from collab_core.planner import Action, Decision, Fork, LocalPeer, RoundPlanner
 from collab_core.progress import CollaborationTracker, CollaborationView
+from collab_core.reporting import CollaborationProgress
 from collab_core.rounds import AveragingRound, RoundOutcome, RoundStatus, sample_count
 from collab_core.schemes import AveragingScheme
 from collab_core.state import IncompleteStateError
@@ -62,6 +64,8 @@ logger = get_logger(__name__)
 ESTIMATE_MARGIN = 0.1
 #: how often to re-read progress while waiting for an imminent target (seconds)
 TARGET_POLL_INTERVAL = 0.005
+#: how often a step() that only accumulated may refresh the status line's numbers (seconds)
+STATUS_INTERVAL = 0.5
 #: how often to poll while waiting for peers (shutdown, wait_for_peers) (seconds)
 PEER_POLL_INTERVAL = 0.25
 
@@ -236,13 +240,16 @@ class Collaboration:
                 target_batch_size,
                 fingerprint=self.fingerprint,
                 client_mode=client_mode,
-                status_loglevel=self.status_loglevel,
+                status_loglevel=logging.DEBUG,  # the status line below says it once, at a human pace
                 start=True,
                 **tracker_kwargs,
             )
         except BaseException:
             self.averager.shutdown()
             raise
+        #: human-facing status lines (peers joined or left, downloads, failed rounds, periodic progress)
+        self.status = CollaborationProgress(prefix, periodic=True, level=self.status_loglevel)
+        self._status_at = -math.inf
         self._announce()
 
     # ------------------------------------------------------------------ what the façades read
@@ -340,6 +347,10 @@ class Collaboration:
     ) -> StepReport:
         report = StepReport(outcome, step_before, self.local_step, reason=decision.reason if decision else "", **kw)
         self.last_report = report
+        now = time.monotonic()
+        if outcome is not StepOutcome.ACCUMULATED or now - self._status_at >= STATUS_INTERVAL:
+            self._status_at = now
+            self.status.update(self.collaboration_state(), now)
         return report
 
     def _view_to_act_on(self) -> CollaborationView | None:
@@ -372,7 +383,7 @@ class Collaboration:
             loaded = self._download(decision, require_newer=True)
             return self._report(StepOutcome.DOWNLOADED if loaded else StepOutcome.ACCUMULATED, step_before, decision)
         if decision.action is Action.WAIT:
-            logger.log(self.status_loglevel, f"{self.prefix}: {decision.reason}")
+            logger.debug(f"{self.prefix}: {decision.reason}")
             return self._report(StepOutcome.ACCUMULATED, step_before, decision)
         if decision.action is Action.STEP_ALONE:
             self.scheme.step_alone(self.local_step)
@@ -395,8 +406,7 @@ class Collaboration:
             with torch.no_grad(), self.averager.get_tensors() as buffers:
                 self.scheme.apply(buffers, step)
             self.planner.record_round(decision.group, outcome.gathered)
-            logger.log(
-                self.status_loglevel,
+            logger.debug(
                 f"{self.prefix}: averaged step {step} with {len(outcome.gathered)} of {len(decision.group)} "
                 f"expected peer(s) in {outcome.seconds:.3f}s",
             )
@@ -406,7 +416,7 @@ class Collaboration:
 
         self.scheme.discard()
         if status is RoundStatus.MISSED:
-            logger.log(self.status_loglevel, f"{self.prefix}: other peers took step {step} without this peer")
+            logger.debug(f"{self.prefix}: other peers took step {step} without this peer")
             loaded = self._download(decision, require_newer=True)
             return self._report(
                 StepOutcome.DOWNLOADED if loaded else StepOutcome.ROUND_FAILED, step_before, decision, round=outcome
@@ -441,7 +451,7 @@ class Collaboration:
 
     def _log_download(self, decision: Decision) -> None:
         if decision.fork is None:
-            logger.log(self.status_loglevel, f"{self.prefix}: {decision.reason}; downloading the state")
+            logger.debug(f"{self.prefix}: {decision.reason}; downloading the state")
         else:
             logger.warning(
                 f"{self.prefix}: {decision.reason}; this replica ({self.fingerprint}) downloads the kept state before "
@@ -492,7 +502,7 @@ class Collaboration:
         self._last_round_reached = None
         self.planner.record_download(self.tracker.view.peers, step, get_dht_time())
         self._announce()
-        logger.log(self.status_loglevel, f"{self.prefix}: downloaded the collaboration's state at step {step}")
+        logger.debug(f"{self.prefix}: downloaded the collaboration's state at step {step}")
         return True
 
     def _refused(self, reason: str, fork: Fork | None) -> bool:
