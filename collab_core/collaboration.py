@@ -240,7 +240,7 @@ class Collaboration:
                 target_batch_size,
                 fingerprint=self.fingerprint,
                 client_mode=client_mode,
-                status_loglevel=logging.DEBUG,  # the status line below says it once, at a human pace
+                status_loglevel=self.status_loglevel,  # its refresh line is throttled (collab_core.reporting)
                 start=True,
                 **tracker_kwargs,
             )
