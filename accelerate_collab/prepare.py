@@ -17,6 +17,7 @@ from accelerate_collab.scheduler import CollaborativeAcceleratedScheduler
 from collab_core import CollaborativeOptimizer, CollaborativeSettings
 from collab_core.join import join
 from collab_core.log import get_logger
+from collab_core.scheduler import check_collaborative_scheduler
 
 logger = get_logger(__name__)
 
@@ -121,11 +122,7 @@ def _check_arguments(optimizer: Any, scheduler: Any, config: Any) -> None:
             "scheduler was already prepared by accelerator.prepare(); pass the plain scheduler to "
             "prepare_collaborative() and its result to accelerator.prepare()."
         )
-    if scheduler is not None and getattr(scheduler, "optimizer", None) is not optimizer:
-        raise ValueError(
-            "scheduler is not built on this optimizer: create it as e.g. LambdaLR(optimizer, ...) with the optimizer "
-            "passed to prepare_collaborative()."
-        )
+    check_collaborative_scheduler(scheduler, optimizer)
     if not isinstance(config, CollaborativeSettings):
         raise TypeError(
             f"config must be a CollaborativeConfig, got {type(config).__name__}; load it with "

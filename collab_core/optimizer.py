@@ -22,6 +22,7 @@ from collab_core import hivemind_patches
 from collab_core.collaboration import Collaboration, CollaborationState, StepReport
 from collab_core.local_update import LocalUpdate
 from collab_core.log import get_logger
+from collab_core.scheduler import check_collaborative_scheduler
 from collab_core.schemes import AveragingScheme, GradientAveraging, ParameterAveraging
 from collab_core.timeouts import RoundTimeouts
 
@@ -146,6 +147,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             accumulate_grads_on,
             averaging_timeout,
         )
+        check_collaborative_scheduler(scheduler, opt)
         tracker_kwargs = dict(
             min_refresh_period=min_refresh_period,
             max_refresh_period=max_refresh_period,

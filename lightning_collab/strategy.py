@@ -35,6 +35,7 @@ from collab_core.join import Membership, join
 from collab_core.log import get_logger
 from collab_core.metrics import PROGRESS_BAR_METRICS, collaboration_metrics
 from collab_core.reporting import CollaborationProgress
+from collab_core.scheduler import SchedulerDrivenByCollaboration, check_collaborative_scheduler
 
 if TYPE_CHECKING:  # for type checkers the mixin is a strategy (both namespaces' strategies have the same API)
     from pytorch_lightning.strategies import SingleDeviceStrategy as _TypedStrategyBase
@@ -78,32 +79,6 @@ class LightningNamespace:
             TrainerFn=module("trainer.states").TrainerFn,
             extract_batch_size=module("utilities.data").extract_batch_size,
         )
-
-
-class _SchedulerDrivenByCollaboration:
-    """Stands in for the user's scheduler in Lightning's scheduler configs.
-
-    Lightning calls ``step()`` after every optimizer step or epoch; here that does nothing, because the collaborative
-    optimizer steps the real scheduler once per collaborative step (identically on every peer). Everything else
-    (``state_dict`` for checkpoints, ``get_last_lr`` and ``optimizer`` for ``LearningRateMonitor``) is the real one's.
-    """
-
-    def __init__(self, scheduler: Any):
-        self.scheduler = scheduler
-
-    def step(self, *args: Any, **kwargs: Any) -> None:
-        """No-op: the collaborative optimizer steps the scheduler."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.scheduler.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state_dict)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "scheduler":  # not set yet (e.g. while unpickling): do not recurse
-            raise AttributeError(name)
-        return getattr(self.scheduler, name)
 
 
 def _keep_accumulated_gradients() -> None:
@@ -292,7 +267,7 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         self.collaborative_optimizer = collaborative
         self.optimizers = [collaborative]
         for config in self.lr_scheduler_configs:
-            config.scheduler = _SchedulerDrivenByCollaboration(config.scheduler)  # type: ignore[assignment]
+            config.scheduler = SchedulerDrivenByCollaboration(config.scheduler)  # type: ignore[assignment]
         if settings.reuse_grad_buffers:
             # Lightning's default on_validation_model_zero_grad sets every .grad to None before an in-epoch
             # validation, wiping gradients whose samples are already counted; the accumulator clears them itself.
@@ -461,12 +436,10 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         if not configs:
             return None
         config = configs[0]
-        if config.reduce_on_plateau or isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            raise self._lightning.MisconfigurationException(
-                "ReduceLROnPlateau is not supported by strategy='collaborative': it steps on a locally monitored "
-                "metric, so peers would change their learning rates at different times. Use a scheduler driven "
-                "by the step count (e.g. LambdaLR, CosineAnnealingLR, OneCycleLR)."
-            )
+        try:
+            check_collaborative_scheduler(config.scheduler, steps_on_metric=config.reduce_on_plateau)
+        except ValueError as error:
+            raise self._lightning.MisconfigurationException(f"strategy='collaborative': {error}") from None
         return config.scheduler
 
     def _fp16_scaler(self, trainer: Any) -> Any:

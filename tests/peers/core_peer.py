@@ -147,13 +147,34 @@ def step_alone_at(collab: CollaborativeOptimizer, at_step: int) -> None:
 
     def plan_wrongly(records, local, now, may_download):
         decision = plan_step(records, local, now, may_download)
-        if not fired and local.step == at_step and decision.action in (Action.RUN_ROUND, Action.STEP_ALONE):
+        # (also instead of a download: a peer that lags a moment sees the other one's solo step already taken)
+        if (
+            not fired
+            and local.step == at_step
+            and decision.action in (Action.RUN_ROUND, Action.STEP_ALONE, Action.DOWNLOAD)
+        ):
             fired.append(True)
             print(f"solo hook: stepping alone at step {at_step} instead of {decision.action.value}", flush=True)
             return Decision(Action.STEP_ALONE)
         return decision
 
     planner.plan_step = plan_wrongly
+
+
+def meet_forked_peers(collab: CollaborativeOptimizer, dht, run_id: str, name: str, peers: int) -> None:
+    """After the solo hook's step: wait until every peer took its own solo step and this peer's view shows them all
+    at this step. So every peer's next ``step()`` sees the fork (same step, different fingerprints) at once; without
+    it, whichever peer is faster steps alone again and the others download because it is *ahead*, which heals the
+    replicas too but never exercises the fork rule this test is about."""
+    print(f"solo hook: meeting the other peers at step {collab.local_step}", flush=True)
+    barrier(dht, f"{run_id}_solo_done", name, peers)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        view = collab.tracker.fetch_now(timeout=5)
+        if len(view.peers_at(collab.local_step)) >= peers:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"the other peers' records never showed step {collab.local_step}")
 
 
 def delay_publication_after(collab: CollaborativeOptimizer, after_step: int, seconds: float) -> None:
@@ -313,6 +334,8 @@ def main() -> int:
             micro_batches.append((step_before, x, y))
         if any(not torch.equal(a, b) for a, b in zip(params_before, model.parameters(), strict=True)):
             changes_at_call.append(calls)
+        if args.solo_at_step >= 0 and step_before == args.solo_at_step and collab.local_step == step_before + 1:
+            meet_forked_peers(collab, dht, settings.run_id, args.name, args.peers)
         if collab.local_step != step_before:
             per_step[collab.local_step] = snapshot(collab)
             step_times[collab.local_step] = time.monotonic()
