@@ -592,7 +592,7 @@ class Collaboration:
             return
         self._shutdown_done = True
         try:
-            self._wait_for_round_mates()
+            self._settle_before_leaving()
         finally:
             self.activity = "stopped"
         try:
@@ -601,22 +601,28 @@ class Collaboration:
             if self.averager.is_alive():
                 self.averager.shutdown()
 
-    def _wait_for_round_mates(self) -> None:
-        """Before leaving, stay until the peers of this peer's last step have taken it too (bounded).
+    def _settle_before_leaving(self) -> None:
+        """Before leaving, settle this peer's last step with the peers that may not have it (bounded).
 
         hivemind's all-reduce returns on a peer as soon as *it* has every averaged part; the parts it reduced for
         its groupmates may still be on their way. A peer that shut its averager down right after its last step could
         cut that delivery: a groupmate's round then failed, and it took the step again without this peer, from other
-        gradients. Waiting here lets the delivery finish, and a groupmate whose round failed anyway finds this peer
-        ahead and downloads its state (this peer still serves it while waiting). Mates that left or reached this
-        step end the wait; it never lasts longer than one more round after the step.
+        gradients. And a round that failed asymmetrically (one side "could not find a group", the other broke
+        mid-way) makes both sides take the step alone: at the last step of training nobody trains on to see that
+        fork. So the leaving peer stays (still serving its state) while :meth:`RoundPlanner.before_leaving` says so:
+        a groupmate behind finds it ahead and downloads; the losing side of a fork at this step downloads from it,
+        or, if this peer lost, it downloads the kept state itself. The wait lasts at most one more round after the
+        step, plus a download once a fork is seen.
         """
-        local_id = self.tracker.view.local_peer_id
-        mates = {peer_id for peer_id in self._last_round if peer_id != local_id}
-        if not mates or self._last_round_reached != self.local_step or not self.averager.is_alive():
-            return  # no groupmates, or this peer's state has changed since that round (download, checkpoint)
+        if not self.averager.is_alive():
+            return
         stepped_at = self.planner.reached_step_at if self.planner.reached_step_at is not None else get_dht_time()
         deadline = stepped_at + self.timeouts.round
+        local_id = self.tracker.view.local_peer_id
+        mates = {peer_id for peer_id in self._last_round if peer_id != local_id}
+        if self._last_round_reached != self.local_step:
+            mates = set()  # this peer's state changed since that round (download, checkpoint)
+        decision, extended = Decision(Action.LEAVE), False
         self.activity = "leaving"
         while get_dht_time() < deadline:
             try:
@@ -624,10 +630,22 @@ class Collaboration:
             except Exception as e:  # the DHT did not answer: try again until the deadline
                 logger.debug(f"{self.prefix}: could not read the collaboration's progress: {e!r}")
                 continue
-            if not any(peer.peer_id in mates and peer.step < self.local_step for peer in view.peers):
+            now = get_dht_time()
+            decision = self.planner.before_leaving(
+                view.peers, self.local_peer(view), now, mates, self.sync.may_download()
+            )
+            if decision.action is Action.LEAVE:
                 return
+            if decision.fork is not None and not extended:  # a fork at the last step: time for one download
+                deadline, extended = max(deadline, now + self.timeouts.download), True
+            if decision.action is Action.DOWNLOAD:
+                self._log_download(decision)
+                if self._download(decision, require_newer=True):
+                    mates = set()
+                continue
             time.sleep(PEER_POLL_INTERVAL)
-        logger.warning(f"{self.prefix}: leaving while peers of step {self.local_step - 1} have not taken it yet")
+        if decision.action is not Action.LEAVE:
+            logger.warning(f"{self.prefix}: leaving at step {self.local_step} unsettled: {decision.reason}")
 
     # ------------------------------------------------------------------ small helpers
 

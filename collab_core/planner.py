@@ -20,6 +20,8 @@ Call order (the engine's contract):
 3. after acting: exactly one of :meth:`record_step` (a step was applied), :meth:`record_round` (a round completed,
    applied or not), :meth:`record_no_group`, :meth:`record_broken_round`, :meth:`record_download`,
    :meth:`record_refused_download`.
+4. when leaving (``shutdown``): on fresh views, :meth:`RoundPlanner.before_leaving` until it says ``LEAVE`` (or a
+   bounded wait ends); ``DOWNLOAD`` means this peer is on the losing side of a fork at its last step.
 
 Forks: two live peers at the same step with different fingerprints hold different states. Every peer that sees it
 computes the same winner (:func:`find_fork`): the side that can serve its state (has a peer that is not a client),
@@ -45,7 +47,8 @@ class Action(Enum):
     STEP_ALONE = "step alone"  #: nobody else is at this step with this state: apply this peer's own gradients
     RUN_ROUND = "run round"  #: average with the peers in ``Decision.group``
     DOWNLOAD = "download"  #: load a newer (or the fork winner's) state from peers first
-    WAIT = "wait"  #: keep accumulating without stepping (``Decision.reason`` says why)
+    WAIT = "wait"  #: keep accumulating without stepping (``Decision.reason`` says why); when leaving: stay a while
+    LEAVE = "leave"  #: when leaving: nothing is left to settle
 
 
 @dataclass(frozen=True)
@@ -346,6 +349,50 @@ class RoundPlanner:
             return False
         self.unsettled = None
         return True
+
+    def before_leaving(
+        self, records: Sequence[PeerRecord], local: LocalPeer, now: float, mates: Iterable[bytes], may_download: bool
+    ) -> Decision:
+        """When this peer leaves: may it go now, or must its last step be settled first?
+
+        A fork at the last step of training would never heal (nobody trains on to notice it), so a leaving peer
+        settles it: on the losing side it downloads the kept state (``DOWNLOAD``; ``WAIT`` while its download is
+        backed off); on the winning side it stays (``WAIT``) while the losing side downloads from it. It also stays
+        while a peer of its last round (``mates``) or one that was expected in a round and did not come (it may
+        still take the same step on its own, and fork) is one step behind; it serves its state meanwhile, so such a
+        peer finds it ahead and downloads. The engine bounds the wait.
+
+        Args:
+            records: a fresh view.
+            local: this peer.
+            now: the DHT time.
+            mates: the peers of this peer's last round.
+            may_download: whether the download back-off allows a download now.
+        """
+        fork = self.fork(records, local, now)
+        if fork is not None:
+            if not fork.loses(local.fingerprint):
+                return Decision(
+                    Action.WAIT, reason=f"the other side of a fork at {fork.describe()} downloads from here", fork=fork
+                )
+            if may_download:
+                return Decision(Action.DOWNLOAD, reason=f"replicas forked at {fork.describe()}", fork=fork)
+            return Decision(
+                Action.WAIT, reason="on the losing side of a fork; waiting for the next download", fork=fork
+            )
+        mates = set(mates)
+        behind = [
+            peer
+            for peer in records
+            if peer.peer_id != local.peer_id
+            and (
+                (peer.peer_id in mates and peer.step < local.step)
+                or (peer.peer_id in self.absent and peer.step == local.step - 1)
+            )
+        ]
+        if behind:
+            return Decision(Action.WAIT, reason=f"{len(behind)} peer(s) may still take step {local.step - 1}")
+        return Decision(Action.LEAVE)
 
     # ------------------------------------------------------------------ what happened
 

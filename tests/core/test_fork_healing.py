@@ -121,3 +121,20 @@ def test_peer_cut_off_returning_to_idle_peers_downloads_instead_of_training_alon
     _log_mentions(results["cut"], "partition hook: only this peer's own state is reachable")
     _assert_identical(results)
     assert results["cut"]["collaboration_state"]["state_downloads"] >= 1
+
+
+def test_replicas_forked_at_the_last_step_settle_it_when_they_leave(tmp_path):
+    """The fork nobody trains on to see: both peers step alone at the last step (as when its round failed
+    asymmetrically under load), then finish. Leaving settles it: the losing side downloads the kept state from the
+    winner, which stays until it has; the state each keeps after ``shutdown()`` is the same."""
+    last = STEPS - 1
+    specs = [
+        peer_spec("p0", 32, 100, STEPS, "--solo-at-step", str(last), peers=2),
+        peer_spec("p1", 32, 101, STEPS, "--solo-at-step", str(last), peers=2),
+    ]
+    results = run_peers(tmp_path, "lastsolo", specs, target_batch_size=64, **TIMEOUTS)
+    for result in results.values():
+        _log_mentions(result, f"solo hook: stepping alone at step {last}")
+    _assert_identical(results)
+    healed = [name for name, result in results.items() if result["collaboration_state"]["forks_healed"]]
+    assert len(healed) == 1, healed

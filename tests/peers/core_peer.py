@@ -370,6 +370,15 @@ def main() -> int:
     os.replace(args.out + ".tmp", args.out)
     barrier(dht, f"{settings.run_id}_test_finish", args.name, args.finish_peers or args.peers)
     collab.shutdown()
+    # leaving may settle the last step (a download on the losing side of a fork): the state the user keeps is this
+    result.update(
+        local_step=collab.local_step,
+        final=snapshot(collab),
+        collaboration_state=collab.collaboration_state.__dict__,
+        state_dict=collab.state_dict(),
+    )
+    torch.save(result, args.out + ".tmp")
+    os.replace(args.out + ".tmp", args.out)
     dht.shutdown()
     print(f"{args.name}: done at step {collab.local_step} after {calls} calls", flush=True)
     return 0

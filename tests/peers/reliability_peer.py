@@ -323,6 +323,11 @@ def main() -> int:
         barrier(dht, f"{settings.run_id}_test_finish", args.name, args.finish_peers)
     started = time.monotonic()
     collab.shutdown()
+    # leaving may settle the last step (a download on the losing side of a fork): the state the user keeps is this
+    result.update(
+        final=snapshot(collab), local_step=collab.local_step, collaboration_state=collab.collaboration_state.__dict__
+    )
+    save_atomically(result, args.out)
     dht.shutdown()
     print(f"{args.name}: left ({left_by}) at step {collab.local_step}; shutdown took {time.monotonic() - started:.2f}s")
     return 0

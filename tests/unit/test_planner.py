@@ -262,3 +262,49 @@ def test_a_download_clears_distrust_and_counts_the_producers_as_round_mates():
 
 def test_records_without_fingerprint_are_no_fork():
     assert find_fork([rec(ME, 3, 0, FP_A, time=NOW), rec(P1, 3, 0, "")], 3) is None
+
+
+# ------------------------------------------------------------------------------------------------- leaving
+
+
+def test_leaving_after_the_last_step_it_waits_for_a_groupmate_still_behind():
+    local, mine = me(8)
+    p = planner()
+    p.record_step([ME, P1], NOW - 1)
+    assert p.before_leaving([mine, rec(P1, 7, 30)], local, NOW, [P1], may_download=True).action is Action.WAIT
+    assert p.before_leaving([mine, rec(P1, 8)], local, NOW, [P1], may_download=True).action is Action.LEAVE
+    assert p.before_leaving([mine], local, NOW, [P1], may_download=True).action is Action.LEAVE  # it left
+
+
+def test_leaving_after_stepping_alone_it_waits_for_the_peer_that_did_not_come_then_settles_the_fork():
+    """The asymmetric round of the last step: here "could not find a group", so this peer stepped alone; the other
+    peer's round broke mid-way and it steps alone too. Nobody trains on to see the fork: leaving must settle it."""
+    p = planner()
+    local, mine = me(7, 100)
+    other_at_7 = rec(P1, 7, 60)
+    p.record_no_group([mine, other_at_7], local)  # P1 expected, never came: absent until news
+    p.record_step([ME], NOW)
+    local, mine = me(8, fp=FP_B)
+    decision = p.before_leaving([mine, other_at_7], local, NOW + 1, [], may_download=True)
+    assert decision.action is Action.WAIT and "step 7" in decision.reason
+    # P1 took step 7 alone as well (news: a newer record), with another state: a fork at the last step
+    forked = rec(P1, 8, fp=FP_A, time=NOW + 2)
+    decision = p.before_leaving([mine, forked], local, NOW + 3, [], may_download=True)
+    assert decision.action is Action.WAIT and decision.fork is not None  # FP_B wins the tie: P1 downloads from here
+    local_a, mine_a = LocalPeer(ME, 8, 0, FP_A), rec(ME, 8, fp=FP_A, time=NOW + 3)
+    decision = p.before_leaving([mine_a, rec(P1, 8, fp=FP_B, time=NOW + 2)], local_a, NOW + 3, [], may_download=True)
+    assert decision.action is Action.DOWNLOAD and decision.fork.winner == FP_B  # or this one is the loser
+    assert (
+        p.before_leaving([mine_a, rec(P1, 8, fp=FP_B, time=NOW + 2)], local_a, NOW + 3, [], may_download=False).action
+        is Action.WAIT
+    )
+    settled = rec(P1, 8, fp=FP_B, time=NOW + 4)
+    assert p.before_leaving([mine, settled], local, NOW + 5, [], may_download=True).action is Action.LEAVE
+
+
+def test_leaving_it_does_not_wait_for_idle_peers_behind_nor_for_absent_ones_further_behind():
+    p = planner()
+    local, mine = me(8)
+    p.absent[P2] = NOW - 30  # missed a round of step 5 and went silent
+    view = [mine, rec(P1, 7, 0), rec(P2, 5, 10, time=NOW - 30)]
+    assert p.before_leaving(view, local, NOW, [], may_download=True).action is Action.LEAVE
