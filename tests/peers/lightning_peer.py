@@ -230,14 +230,21 @@ def main() -> int:
     parser.add_argument("--wait-for-joiner-at-step", type=int, default=0)
     parser.add_argument("--no-finish-barrier", action="store_true")
     parser.add_argument("--fail-round-at-step", type=int, default=-1, help="only this peer's round of it fails")
+    parser.add_argument("--fail-round-start-at-step", type=int, default=-1, help="its round fails as it starts")
+    parser.add_argument("--freeze-at-step", type=int, default=-1, help="SIGSTOP in the round of this step")
+    parser.add_argument("--freeze-seconds", type=float, default=0.0)
     args = parser.parse_args()
 
     import lightning_collab
+    from tests.peers import core_peer
 
-    if args.fail_round_at_step >= 0:  # patched before the averager process forks (in trainer.fit)
-        from tests.peers.core_peer import fail_round_after_exchange
-
-        fail_round_after_exchange(args.fail_round_at_step)
+    # fault hooks of the core peer, patched into the averager class before its process forks (in trainer.fit)
+    if args.fail_round_at_step >= 0:
+        core_peer.fail_round_after_exchange(args.fail_round_at_step)
+    if args.fail_round_start_at_step >= 0:
+        core_peer.fail_round_at_start(args.fail_round_start_at_step)
+    if args.freeze_at_step >= 0:
+        core_peer.freeze_in_round(args.freeze_at_step, args.freeze_seconds)
     L, Module, Recorder = build(args.namespace, args)
     strategy_cls = (
         lightning_collab.CollaborativeStrategy
@@ -335,6 +342,12 @@ def main() -> int:
         "participants": recorder.participants,
         "contributions": recorder.contributions,
         "final": [p.detach().clone() for p in model.parameters()],
+        "final_optimizer_state": {
+            f"{index}.{key}": value.detach().clone()
+            for index, param in enumerate(inner.param_groups[0]["params"])
+            for key, value in inner.state.get(param, {}).items()
+            if isinstance(value, torch.Tensor)
+        },
         "final_lr": inner.param_groups[0]["lr"],
         "scheduler_last_epoch": scheduler.last_epoch if scheduler is not None else None,
         "collaboration_state": state.__dict__,
