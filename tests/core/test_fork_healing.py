@@ -4,7 +4,8 @@ identical (parameters and optimizer state), and says how many forks were healed.
 
 (a) "a round completes on the others and fails on one peer after the exchange" on 2 peers is
 ``test_collaborative_semantics.py::test_peer_whose_round_failed_on_its_side_downloads_and_the_update_stays_exact``,
-and on 3 Lightning peers the lockstep fixture of ``tests/lightning_strategy/test_strategy_runs.py``.
+and on 3 Lightning peers the lockstep fixture of ``tests/lightning_strategy/test_strategy_runs.py``; (b) and (d) with
+Lightning peers are ``tests/lightning_strategy/test_strategy_faults.py``.
 """
 
 from __future__ import annotations

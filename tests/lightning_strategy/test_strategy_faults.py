@@ -12,21 +12,21 @@ import pytest
 from tests.lightning_strategy.test_strategy_runs import max_diff, replay, run_lightning_peers
 from tests.support.core_runs import state_diff
 
-STEPS = 6
+STEPS = 4
 TIMEOUTS = dict(averaging_timeout=6, matchmaking_time=2)
 
 
 @pytest.mark.slow
 def test_trainers_whose_round_failed_as_it_started_or_froze_through_one_end_identical(tmp_path):
     """p1's round of step 1 fails as it starts (the others get partial results); p2 is stopped (SIGSTOP) for longer
-    than the averaging timeout in its round of step 3. All three end at the same step with identical parameters and
+    than the averaging timeout in its round of step 2. All three end at the same step with identical parameters and
     optimizer state, equal to one process replaying every round's contributed batches."""
     frozen_for = str(TIMEOUTS["averaging_timeout"] + 3)
     common = ["--peers", "3", "--steps", str(STEPS), "--scheduler", "step"]
     specs = [
         ("p0", [*common, "--batch-size", "16", "--data-seed", "1"], {}),
         ("p1", [*common, "--batch-size", "8", "--data-seed", "2", "--fail-round-start-at-step", "1"], {}),
-        ("p2", [*common, "--batch-size", "12", "--data-seed", "3", "--freeze-at-step", "3",
+        ("p2", [*common, "--batch-size", "12", "--data-seed", "3", "--freeze-at-step", "2",
                 "--freeze-seconds", frozen_for], {}),
     ]  # fmt: skip
     results = run_lightning_peers(tmp_path, "faults", specs, target_batch_size=96, **TIMEOUTS)
