@@ -103,25 +103,27 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
 
     # ------------------------------------------------------------------ the training loop
 
-    def step(self, closure: Any = None, *, batch_size: int | None = None) -> Any:
+    def step(self, closure: Any = None, *, batch_size: int | None = None, loss: Any = None) -> Any:
         """Count this micro-batch; on a sync step, contribute the peer's gradients to the collaboration.
 
         Args:
             closure: optional, as in ``torch.optim.Optimizer.step``: called first to compute the loss and gradients.
             batch_size: samples of this micro-batch on this process; default: the ``batch_size`` setting, else the
                 batch size of the prepared dataloader being iterated.
+            loss: optional: this micro-batch's loss, published for ``collab monitor`` (see :meth:`record_loss`).
 
         Returns:
             The closure's loss, if a closure was given.
         """
-        loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if loss is not None:
+            self.record_loss(loss)
         self._counter.add(batch_size)
         if not self.gradient_state.sync_gradients:
             self._skipped = True  # accumulating: Accelerate's "step only on sync steps"
-            return loss
+            return loss if closure is not None else None
         samples, micro_batches = self._counter.take()
         peer_samples = self._group.total(samples)
         outcome: StepOutcome | None = None
@@ -141,7 +143,13 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
         self._skipped = not outcome.updated
         if self._reporter is not None:
             self._reporter.after_call(outcome.changed)
-        return loss
+        return loss if closure is not None else None
+
+    def record_loss(self, loss: Any) -> None:
+        """Publish ``loss`` (a number or one-element tensor) as this peer's latest training loss, shown by
+        ``collab monitor``. Only the main process's value is published (one peer per launch); a no-op elsewhere."""
+        if self.collaborative_optimizer is not None:
+            self.collaborative_optimizer.record_loss(loss)
 
     def zero_grad(self, set_to_none: bool | None = None) -> None:
         """Clear gradients on sync steps only; never with ``reuse_grad_buffers`` (they hold counted samples).

@@ -364,6 +364,7 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
             output = closure()
             # Lightning's on_before_optimizer_step hooks (a protected Precision method; clipping is refused with fp16)
             self.precision_plugin._after_closure(model, collaborative)  # type: ignore[arg-type]
+            collaborative.record_loss(output)  # (the other path's closure runs inside step(), which records it)
             collaborative.step(batch_size=samples)
         self._log_metrics()
         return output
