@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from collab_core.settings import env_var
 
-__all__ = ["address_kind", "maddr_host", "reachability_advice"]
+__all__ = ["address_kind", "advise_once", "maddr_host", "reachability_advice"]
 
 
 def maddr_host(maddr: str) -> str | None:
@@ -66,3 +66,24 @@ def reachability_advice(own_maddrs: Iterable[str], swarm_maddrs: Iterable[str], 
             f"this machine), or run it with {env_var('client_mode')}=1 (it dials out only and still contributes)"
         ]
     return []
+
+
+_advised = False
+
+
+def advise_once(own_maddrs: Iterable[str], swarm_maddrs: Iterable[str], client_mode: bool) -> str | None:
+    """At a peer's start-up: the reachability advice, printed once per process (returns what was printed, if any).
+
+    Called by :func:`collab_core.start_dht` after the DHT started; ``collab doctor`` runs the same check with the
+    addresses the swarm's peers publish.
+    """
+    global _advised
+    if _advised:
+        return None
+    advice = reachability_advice(own_maddrs, swarm_maddrs, client_mode)
+    if not advice:
+        return None
+    _advised = True
+    text = "[collaborative] reachability: " + " ".join(advice) + " (run `collab doctor` for a full check)"
+    print(text, flush=True)
+    return text

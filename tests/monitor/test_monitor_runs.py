@@ -257,3 +257,38 @@ def test_whole_swarm_restarts_from_the_monitors_backup(swarm):
         assert min(result["per_step"]) == backup["step"] + 1, "training did not continue from the backup's step"
     for a, b in zip(results[0]["final"]["params"], results[1]["final"]["params"], strict=True):
         assert (a - b).abs().max().item() <= 1e-6
+
+
+def test_lightning_peer_resumes_from_a_backup_with_ckpt_path(tmp_path):
+    """A Lightning peer waits at step 3; the monitor's backup job downloads its state; a new peer (after the first
+    one is gone) resumes with ``fit(ckpt_path=backup)`` at step 3 and trains on."""
+    from collab_core.monitor.backups import SwarmBackups
+
+    lightning_peer = Path(__file__).resolve().parents[1] / "peers" / "lightning_peer.py"
+    common = ["--batch-size", "16", "--samples", "128", "--scheduler", "step", "--no-finish-barrier"]
+    with bootstrap_dht() as dht, PeerSet(tmp_path, collab_env(dht, "lightning-backup", target_batch_size=64)) as peers:
+        seed = peers.start("seed", [*common, "--steps", "6", "--wait-for-joiner-at-step", "3"], script=lightning_peer)
+        poll_until(lambda: "waiting for the joiner at step 3" in seed.log_text(), 180, f"step 3\n{peers.logs()}")
+        observer = cli_observer(dht, "lightning-backup")
+        try:
+            backups = SwarmBackups(observer, "lightning-backup", tmp_path / "backups", every=3, keep=1)
+            try:
+                path = poll_until(lambda: backups.maybe_backup(3), 60, "a backup at step 3")
+            finally:
+                backups.shutdown()
+        finally:
+            observer.shutdown()
+        stop_process_group(seed.process)
+        resumed = peers.start("resumed", [*common, "--steps", "5", "--ckpt-in", str(path)], script=lightning_peer)
+        peers.wait([resumed], timeout=180)
+        result = resumed.result()
+    assert result["steps_seen_at_start"] == 3, "fit(ckpt_path=backup) must restore the collaborative step"
+    assert min(result["per_step"]) == 4 and result["collaborative_step"] == 5
+
+
+def cli_observer(dht, run_id):
+    """A non-training DHT node joined to ``dht`` (what ``collab monitor`` starts)."""
+    from collab_core.monitor.reader import join_as_observer
+
+    initial = [str(addr) for addr in dht.get_visible_maddrs()]
+    return join_as_observer(run_id, initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"])

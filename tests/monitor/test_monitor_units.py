@@ -187,3 +187,14 @@ def test_doctor_findings():
     assert not private.ok and "COLLAB_CLIENT_MODE=1" in private.fix
     report = format_findings([skewed, mismatch])
     assert report.count("[FIX]") == 2 and report.count("fix:") == 2
+
+
+def test_startup_advice_is_printed_once(capsys, monkeypatch):
+    from collab_core import reachability
+
+    monkeypatch.setattr(reachability, "_advised", False)
+    own, swarm = ["/ip4/192.168.1.5/tcp/4000"], ["/ip4/9.9.9.9/tcp/31337/p2p/x"]
+    assert reachability.advise_once(own, swarm, client_mode=False) is not None
+    assert reachability.advise_once(own, swarm, client_mode=False) is None
+    printed = capsys.readouterr().out
+    assert printed.count("reachability:") == 1 and "collab doctor" in printed
