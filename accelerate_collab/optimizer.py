@@ -18,8 +18,10 @@ from accelerate_collab.batch import MicroBatchCounter
 from accelerate_collab.local import LocalGroup, StepOutcome
 from accelerate_collab.metrics import ProgressReporter
 from collab_core import CollaborativeOptimizer
+from collab_core.backup import is_backup
 from collab_core.collaboration import StepOutcome as CoreStepOutcome
 from collab_core.log import get_logger
+from collab_core.state import restore_state
 
 logger = get_logger(__name__)
 
@@ -230,9 +232,15 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a checkpoint made by :meth:`state_dict` (``accelerator.load_state`` calls this on every process)."""
+        """Restore a checkpoint made by :meth:`state_dict`, or a swarm backup (parameters too), on every process
+        (``accelerator.load_state`` calls this)."""
         if self.collaborative_optimizer is not None:
             self.collaborative_optimizer.load_state_dict(state_dict)
+            return
+        if is_backup(state_dict):  # a swarm backup: parameters, optimizer and scheduler state, as a download
+            self._step = restore_state(
+                self.local_optimizer, self.lr_scheduler, state_dict["metadata"], state_dict["tensors"]
+            )
             return
         if "local_step" not in state_dict:
             self.local_optimizer.load_state_dict(state_dict)

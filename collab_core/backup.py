@@ -2,19 +2,28 @@
 
 A backup holds exactly what a joining peer downloads (:mod:`collab_core.state`: parameters, the whole optimizer
 state, the scheduler state, the collaborative step and the state fingerprint), so restoring one is a state download
-from disk: ``CollaborativeOptimizer.load_state_dict(torch.load(path))`` for the core, ``trainer.fit(...,
-ckpt_path=path)`` for Lightning. Parameters are matched by position in the optimizer, as in a download: the peer
-must build the same model and optimizer.
+from disk. Each backup is a folder ``{run_id}-step{step:08d}/``:
+
+* ``collab_backup.pt``: the backup. The core: ``CollaborativeOptimizer.load_state_dict(torch.load(file))``;
+  Lightning: ``trainer.fit(model, ckpt_path=file)``;
+* ``optimizer.bin`` (the same file, hard-linked) and ``scheduler.bin``: Accelerate's layout, so that
+  ``accelerator.load_state(folder)`` resumes from it (``prepare_collaborative`` registers a hook that takes the
+  weights from the optimizer state instead of a model file).
+
+Parameters are matched by position in the optimizer, as in a download: the peer must build the same model and
+optimizer.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BACKUP_FILE",
     "BACKUP_FORMAT",
     "backup_due",
     "backup_path",
@@ -27,7 +36,9 @@ __all__ = [
 
 BACKUP_FORMAT = "collab-training swarm backup"
 BACKUP_VERSION = 1
-_NAME = re.compile(r"^(?P<run>.+)-step(?P<step>\d{8})\.pt$")
+#: the backup inside a backup folder
+BACKUP_FILE = "collab_backup.pt"
+_NAME = re.compile(r"^(?P<run>.+)-step(?P<step>\d{8})$")
 
 
 def is_backup(checkpoint: Any) -> bool:
@@ -67,44 +78,52 @@ def backup_due(step: int, last_backup_step: int | None, every: int) -> bool:
 
 
 def backup_path(directory: Path, run_id: str, step: int) -> Path:
-    """Where the backup of ``run_id`` at ``step`` goes."""
-    return Path(directory) / f"{run_id}-step{step:08d}.pt"
+    """The folder of the backup of ``run_id`` at ``step``."""
+    return Path(directory) / f"{run_id}-step{step:08d}"
 
 
 def _backups(directory: Path, run_id: str) -> list[tuple[int, Path]]:
     found = []
-    for path in Path(directory).glob(f"{run_id}-step*.pt"):
+    for path in Path(directory).glob(f"{run_id}-step*"):
         match = _NAME.match(path.name)
-        if match and match.group("run") == run_id:
+        if match and match.group("run") == run_id and (path / BACKUP_FILE).is_file():
             found.append((int(match.group("step")), path))
     return sorted(found)
 
 
 def newest_backup(directory: Path, run_id: str) -> Path | None:
-    """The backup of ``run_id`` with the highest step in ``directory``, or None."""
+    """The folder of the backup of ``run_id`` with the highest step in ``directory``, or None."""
     found = _backups(directory, run_id)
     return found[-1][1] if found else None
 
 
 def prune_backups(directory: Path, run_id: str, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest backups of ``run_id``; returns the deleted paths."""
+    """Delete all but the ``keep`` newest backups of ``run_id``; returns the deleted folders."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     deleted = [path for _, path in _backups(directory, run_id)[:-keep]]
     for path in deleted:
-        path.unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
     return deleted
 
 
 def write_backup(directory: Path, backup: dict[str, Any], keep: int) -> Path:
-    """Write ``backup`` atomically (a partial file is never left under the final name) and prune old ones."""
+    """Write ``backup`` as a backup folder, atomically (a partial folder never has the final name), and prune old
+    ones; returns the folder."""
     import torch
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = backup_path(directory, backup["run_id"], backup["step"])
-    partial = path.with_name(path.name + ".partial")
-    torch.save(backup, partial)
+    partial = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    torch.save(backup, partial / BACKUP_FILE)
+    os.link(partial / BACKUP_FILE, partial / "optimizer.bin")  # Accelerate's name for the optimizer state
+    scheduler = backup["metadata"].get("scheduler")
+    if scheduler is not None:
+        torch.save(scheduler, partial / "scheduler.bin")
+    shutil.rmtree(path, ignore_errors=True)  # the same step backed up again
     os.replace(partial, path)
     prune_backups(directory, backup["run_id"], keep)
     return path

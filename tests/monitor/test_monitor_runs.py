@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from collab_core import cli
-from collab_core.backup import is_backup
+from collab_core.backup import BACKUP_FILE, is_backup
 from tests.support.monitor import MonitorProcess, get_json, get_text, headless_chromium, poll_until
 from tests.support.processes import (
     PeerSet,
@@ -229,13 +229,13 @@ def test_whole_swarm_restarts_from_the_monitors_backup(swarm):
     paths = poll_until(written, 120, f"{KEEP + 1} backups")
     for peer in swarm["started"]:
         stop_process_group(peer.process)  # the whole swarm goes down
-    on_disk = sorted(backups.glob(f"{RUN}-step*.pt"))
+    on_disk = sorted(backups.glob(f"{RUN}-step*"))
     assert len(on_disk) == KEEP, f"--keep {KEEP} left {on_disk}"
-    newest = on_disk[-1]
-    assert str(newest) in paths
+    assert str(on_disk[-1]) in paths
+    newest = on_disk[-1] / BACKUP_FILE
     backup = torch.load(newest, weights_only=False)
     assert is_backup(backup) and backup["step"] >= BACKUP_EVERY and backup["run_id"] == RUN
-    steps = [int(p.stem.split("step")[-1]) for p in on_disk]
+    steps = [int(p.name.split("step")[-1]) for p in on_disk]
     assert steps[1] - steps[0] >= BACKUP_EVERY
 
     # a new swarm (its own run, so that no record of the stopped peers is in view) resumes from the backup
@@ -258,6 +258,37 @@ def test_whole_swarm_restarts_from_the_monitors_backup(swarm):
     for a, b in zip(results[0]["final"]["params"], results[1]["final"]["params"], strict=True):
         assert (a - b).abs().max().item() <= 1e-6
 
+    # Accelerate: accelerator.load_state(<backup folder>) restores parameters, optimizer state and step
+    assert_accelerate_resumes(on_disk[-1], backup, params)
+
+
+def assert_accelerate_resumes(folder: Path, backup: dict, params: list) -> None:
+    from accelerate import Accelerator
+
+    from accelerate_collab import prepare_collaborative
+    from tests.peers.core_peer import make_model, make_optimizer
+    from tests.support.accelerate_inprocess import config, reset_accelerate_state
+
+    reset_accelerate_state()
+    accelerator = Accelerator(cpu=True)
+    model = make_model(1)  # other initial weights than the backup's
+    optimizer, _ = prepare_collaborative(
+        accelerator,
+        make_optimizer("sgd", model.parameters()),
+        config=config(f"{RUN}-accelerate", 64),
+        progress_bar=False,
+    )
+    try:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        accelerator.load_state(str(folder))
+        assert optimizer.collaborative_step == backup["step"]
+        for loaded, saved in zip(model.parameters(), params, strict=True):
+            assert torch.equal(loaded.detach(), saved)
+        assert optimizer.collaborative_optimizer.state_dict()["optimizer"]["state"], "momentum was not restored"
+    finally:
+        optimizer.shutdown()
+        reset_accelerate_state()
+
 
 def test_lightning_peer_resumes_from_a_backup_with_ckpt_path(tmp_path):
     """A Lightning peer waits at step 3; the monitor's backup job downloads its state; a new peer (after the first
@@ -279,7 +310,9 @@ def test_lightning_peer_resumes_from_a_backup_with_ckpt_path(tmp_path):
         finally:
             observer.shutdown()
         stop_process_group(seed.process)
-        resumed = peers.start("resumed", [*common, "--steps", "5", "--ckpt-in", str(path)], script=lightning_peer)
+        # its own run: the stopped seed's record (it had no time to withdraw it) must not hold up the new swarm
+        args, env = [*common, "--steps", "5", "--ckpt-in", str(path / BACKUP_FILE)], {"COLLAB_RUN_ID": "restarted"}
+        resumed = peers.start("resumed", args, env, script=lightning_peer)
         peers.wait([resumed], timeout=180)
         result = resumed.result()
     assert result["steps_seen_at_start"] == 3, "fit(ckpt_path=backup) must restore the collaborative step"

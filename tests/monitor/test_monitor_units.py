@@ -8,7 +8,15 @@ import math
 import pytest
 import torch
 
-from collab_core.backup import backup_due, is_backup, make_backup, newest_backup, prune_backups, write_backup
+from collab_core.backup import (
+    BACKUP_FILE,
+    backup_due,
+    is_backup,
+    make_backup,
+    newest_backup,
+    prune_backups,
+    write_backup,
+)
 from collab_core.doctor import (
     address_findings,
     clock_findings,
@@ -150,13 +158,19 @@ def test_backup_schedule():
         backup_due(1, None, 0)
 
 
-def test_backup_files_and_pruning(tmp_path):
+def test_backup_folders_and_pruning(tmp_path):
     for step in (3, 6, 9, 12):
-        backup = make_backup("run", {"step": step, "fingerprint": "f"}, [torch.ones(2)])
+        backup = make_backup(
+            "run", {"step": step, "fingerprint": "f", "scheduler": {"last_epoch": step}}, [torch.ones(2)]
+        )
         write_backup(tmp_path, backup, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-step00000009.pt", "run-step00000012.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-step00000009", "run-step00000012"]
     newest = newest_backup(tmp_path, "run")
-    assert newest is not None and is_backup(torch.load(newest, weights_only=False))
+    assert newest is not None and newest.name == "run-step00000012"
+    assert sorted(p.name for p in newest.iterdir()) == [BACKUP_FILE, "optimizer.bin", "scheduler.bin"]
+    assert is_backup(torch.load(newest / BACKUP_FILE, weights_only=False))
+    assert is_backup(torch.load(newest / "optimizer.bin", weights_only=False))  # what accelerator.load_state reads
+    assert torch.load(newest / "scheduler.bin") == {"last_epoch": 12}
     assert prune_backups(tmp_path, "other-run", keep=1) == []
     with pytest.raises(ValueError, match="no valid step"):
         make_backup("run", {"step": "x"}, [])
