@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import signal
 import threading
 import time
@@ -104,6 +105,17 @@ class MonitorService:
             return render_prometheus(self.state)
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN or infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
+
+
 def _static(name: str) -> str:
     return resources.files("collab_core.monitor").joinpath("static", name).read_text(encoding="utf-8")
 
@@ -116,7 +128,7 @@ def make_app(service: MonitorService) -> web.Application:
         return web.Response(text=page, content_type="text/html")
 
     async def state(_request: web.Request) -> web.Response:
-        return web.json_response(service.snapshot(), dumps=lambda data: json.dumps(data, allow_nan=False))
+        return web.json_response(finite_json(service.snapshot()), dumps=lambda data: json.dumps(data, allow_nan=False))
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=service.prometheus().encode(), headers={"Content-Type": CONTENT_TYPE})

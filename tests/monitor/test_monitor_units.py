@@ -212,3 +212,9 @@ def test_startup_advice_is_printed_once(capsys, monkeypatch):
     assert reachability.advise_once(own, swarm, client_mode=False) is None
     printed = capsys.readouterr().out
     assert printed.count("reachability:") == 1 and "collab doctor" in printed
+
+
+def test_api_json_has_no_nan():
+    from collab_core.monitor.server import finite_json
+
+    assert finite_json({"a": [math.nan, 1.0, (math.inf, "x")], "b": 2}) == {"a": [None, 1.0, [None, "x"]], "b": 2}
