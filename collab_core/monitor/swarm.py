@@ -21,6 +21,9 @@ __all__ = ["PeerRow", "SwarmState", "build_state", "parse_progress_records", "pe
 
 #: characters of a base58 peer id shown in tables and used as the Prometheus label
 SHORT_ID_LENGTH = 8
+#: a peer silent for longer than this (seconds) no longer counts toward the collaboration's samples/s (a crashed
+#: peer's records stay in the DHT until they expire; a training peer publishes every second, or after its round)
+RATE_FRESH_SECONDS = 10.0
 
 
 def peer_id_text(peer_id: bytes) -> str:
@@ -125,7 +128,8 @@ class SwarmState:
         step: the newest collaborative step of a peer that can share its state (as the optimizers count it).
         target_batch_size: samples per step (from the peers' metrics records; None before any).
         samples_accumulated: samples all peers accumulated toward ``step``.
-        samples_per_second: the collaboration's throughput (the sum of the peers' own rates).
+        samples_per_second: the collaboration's throughput: the sum of the own rates of the peers heard from in the
+            last ``RATE_FRESH_SECONDS``.
         eta_seconds: estimated seconds to the next step (None: unknown).
         loss: the mean of the peers' latest losses (None: none published).
         peers: one row per peer, ordered by peer id.
@@ -227,7 +231,7 @@ def build_state(
     accumulated = sum(r.samples for r in progress.values() if r.step == step)
     targets = Counter(m.target_batch_size for m in metrics.values())
     target = targets.most_common(1)[0][0] if targets else None
-    rate = sum(row.samples_per_second for row in rows)
+    rate = sum(row.samples_per_second for row in rows if row.last_seen <= RATE_FRESH_SECONDS)
     eta = eta_seconds(max(0, target - accumulated), rate) if target is not None and rate > 0 else None
     losses = [row.loss for row in rows if row.loss is not None]
     return SwarmState(

@@ -218,3 +218,10 @@ def test_api_json_has_no_nan():
     from collab_core.monitor.server import finite_json
 
     assert finite_json({"a": [math.nan, 1.0, (math.inf, "x")], "b": 2}) == {"a": [None, 1.0, [None, "x"]], "b": 2}
+
+
+def test_silent_peers_do_not_count_toward_the_rate():
+    state = state_of([progress(A), progress(B, time=NOW - 30)], [metrics(A), metrics(B, time=NOW - 30)])
+    assert state.num_peers == 2  # still listed (its record has not expired), with how long it has been silent
+    assert state.samples_per_second == pytest.approx(10.0)
+    assert max(p.last_seen for p in state.peers) == pytest.approx(30.0)
