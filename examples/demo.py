@@ -204,7 +204,6 @@ class Demo:
                 if match:
                     self.monitor_url = match.group(1)
                     print(f"open {self.monitor_url} to watch (collab monitor of run {self.args.run_id!r})", flush=True)
-                    self.event(f"monitor: {self.monitor_url}")
                     return
                 time.sleep(0.1)
             if self.monitor is not None:
@@ -227,7 +226,6 @@ class Demo:
 
         self.screenshot = threading.Thread(target=take, daemon=True)
         self.screenshot.start()
-        self.event(f"dashboard screenshot at step {step}")
 
     def start_peer(self, peer: DemoPeer) -> None:
         peer.workdir.mkdir(parents=True, exist_ok=True)

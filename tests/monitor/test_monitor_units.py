@@ -225,3 +225,12 @@ def test_silent_peers_do_not_count_toward_the_rate():
     assert state.num_peers == 2  # still listed (its record has not expired), with how long it has been silent
     assert state.samples_per_second == pytest.approx(10.0)
     assert max(p.last_seen for p in state.peers) == pytest.approx(30.0)
+
+
+def test_demo_screenshot_without_chromium_says_why(tmp_path, monkeypatch):
+    from examples import dashboard_capture
+
+    monkeypatch.setattr(dashboard_capture, "find_chromium", lambda: None)
+    reason = dashboard_capture.capture("http://127.0.0.1:1", tmp_path / "dashboard.png")
+    assert reason is not None and "chromium is not installed" in reason
+    assert not (tmp_path / "dashboard.png").exists()
