@@ -162,6 +162,10 @@ def run_doctor(
     try:
         if initial_peers:
             findings += initial_peer_findings(True, {maddr: "open" for maddr in initial_peers})
+        else:
+            findings.append(
+                Finding("initial peers", True, "none given: only this machine was checked (pass --initial-peers)")
+            )
         own = reachable_maddrs(dht)
         records: dict = {}
         if run_id:
