@@ -103,6 +103,8 @@ class PeerRow:
         reached_at: how other peers reach it: its addresses, or that it only dials out.
         last_seen: seconds since its newest record.
         version: the collab-training version it runs ("" if unknown).
+        silent: no record for more than ``RATE_FRESH_SECONDS`` (crashed, or stuck in a long round); listed until its
+            records expire, as the optimizers do, but not counted toward the collaboration's samples/s.
     """
 
     peer_id: str
@@ -116,6 +118,7 @@ class PeerRow:
     reached_at: str
     last_seen: float
     version: str = ""
+    silent: bool = False
 
 
 @dataclass(frozen=True)
@@ -158,12 +161,16 @@ class SwarmState:
     def num_clients(self) -> int:
         return sum(peer.client_mode for peer in self.peers)
 
+    @property
+    def num_silent(self) -> int:
+        return sum(peer.silent for peer in self.peers)
+
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict: every attribute plus ``num_peers`` and ``num_clients``."""
+        """A JSON-ready dict: every attribute plus ``num_peers``, ``num_clients`` and ``num_silent``."""
         data = asdict(self)
         data.pop("extra")
         data["peers"] = [asdict(peer) for peer in self.peers]
-        data["num_peers"], data["num_clients"] = self.num_peers, self.num_clients
+        data["num_peers"], data["num_clients"], data["num_silent"] = self.num_peers, self.num_clients, self.num_silent
         data.update(self.extra)
         return data
 
@@ -223,6 +230,7 @@ def build_state(
                 reached_at=_reached_at(metric, client),
                 last_seen=max(0.0, now - max(times)),
                 version=metric.version if metric is not None else "",
+                silent=now - max(times) > RATE_FRESH_SECONDS,
             )
         )
     rows.sort(key=lambda row: row.peer_id)
@@ -231,7 +239,7 @@ def build_state(
     accumulated = sum(r.samples for r in progress.values() if r.step == step)
     targets = Counter(m.target_batch_size for m in metrics.values())
     target = targets.most_common(1)[0][0] if targets else None
-    rate = sum(row.samples_per_second for row in rows if row.last_seen <= RATE_FRESH_SECONDS)
+    rate = sum(row.samples_per_second for row in rows if not row.silent)
     eta = eta_seconds(max(0, target - accumulated), rate) if target is not None and rate > 0 else None
     losses = [row.loss for row in rows if row.loss is not None]
     return SwarmState(

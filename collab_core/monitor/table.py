@@ -34,7 +34,7 @@ def render_table(state: SwarmState) -> str:
             "" if peer.loss is None else f"{peer.loss:.4f}",
             "yes" if peer.client_mode else "no",
             peer.reached_at,
-            f"{peer.last_seen:.1f}s ago",
+            f"{peer.last_seen:.1f}s ago" + (" (silent)" if peer.silent else ""),
         ]
         for peer in state.peers
     ]

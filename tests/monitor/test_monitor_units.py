@@ -225,6 +225,8 @@ def test_silent_peers_do_not_count_toward_the_rate():
     assert state.num_peers == 2  # still listed (its record has not expired), with how long it has been silent
     assert state.samples_per_second == pytest.approx(10.0)
     assert max(p.last_seen for p in state.peers) == pytest.approx(30.0)
+    assert [p.silent for p in sorted(state.peers, key=lambda p: p.last_seen)] == [False, True]
+    assert state.num_silent == 1 and "(silent)" in render_table(state)
 
 
 def test_demo_screenshot_without_chromium_says_why(tmp_path, monkeypatch):

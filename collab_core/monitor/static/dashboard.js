@@ -79,6 +79,10 @@ function peerRows(peers) {
   for (const peer of peers) {
     const row = body.insertRow();
     row.dataset.peerId = peer.peer_id;
+    if (peer.silent) {
+      row.className = "silent";
+      row.title = "no record for " + peer.last_seen.toFixed(0) + " s: crashed or stuck (listed until its records expire)";
+    }
     const cells = [
       peer.short_id, peer.step, fmtRate(peer.samples_per_second),
       peer.samples_contributed === null ? "" : peer.samples_contributed,
@@ -99,7 +103,7 @@ function render(state) {
   status.className = "status" + (state.error ? " error" : "");
   status.textContent = state.error ? "DHT read failed: " + state.error : "updated " + new Date().toLocaleTimeString();
   text("step", state.step);
-  text("peers", state.num_peers);
+  text("peers", state.num_peers + (state.num_silent ? " (" + state.num_silent + " silent)" : ""));
   text("rate", fmtRate(state.samples_per_second));
   const target = state.target_batch_size;
   text("accumulated", state.samples_accumulated + " / " + (target === null ? "?" : target));
