@@ -236,3 +236,26 @@ def test_demo_screenshot_without_chromium_says_why(tmp_path, monkeypatch):
     reason = dashboard_capture.capture("http://127.0.0.1:1", tmp_path / "dashboard.png")
     assert reason is not None and "chromium is not installed" in reason
     assert not (tmp_path / "dashboard.png").exists()
+
+
+ADDR = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWB7662HJTHapcBdVEzVZtzPm2VZZigzuqqmWDy7wZfGqs"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["monitor", "--run-id", "r"], "--initial-peers is required"),
+        (["status", "--run-id", "r"], "--initial-peers is required"),
+        (["monitor", "--run-id", "r", "--initial-peers", ADDR, "--port", "70000"], "--port"),
+        (["monitor", "--run-id", "r", "--initial-peers", ADDR, "--interval", "0"], "--interval"),
+        (["monitor", "--run-id", "r", "--initial-peers", ADDR, "--backup-dir", "d", "--keep", "0"], "--keep"),
+        (["status", "--run-id", "bad run!", "--initial-peers", ADDR], "run_id"),
+        (["status", "--run-id", "r", "--initial-peers", "not-an-address"], "initial_peers"),
+    ],
+)
+def test_bad_command_lines_name_the_setting(argv, message, capsys):
+    from collab_core import cli
+
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("collab: error: ") and message in error, error
