@@ -31,11 +31,13 @@ import torch
 from typing_extensions import override
 
 from collab_core import CollaborativeOptimizer, CollaborativeSettings
+from collab_core.backup import is_backup
 from collab_core.join import Membership, join
 from collab_core.log import get_logger
 from collab_core.metrics import PROGRESS_BAR_METRICS, collaboration_metrics
 from collab_core.reporting import CollaborationProgress
 from collab_core.scheduler import SchedulerDrivenByCollaboration, check_collaborative_scheduler
+from lightning_collab.backup import checkpoint_from_backup
 
 if TYPE_CHECKING:  # for type checkers the mixin is a strategy (both namespaces' strategies have the same API)
     from pytorch_lightning.strategies import SingleDeviceStrategy as _TypedStrategyBase
@@ -253,6 +255,18 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         self._leave_collaboration()
         super().teardown()
 
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loading, plus swarm backups (``collab monitor --backup-dir``): ``fit(ckpt_path=backup)``
+        resumes from one (see :func:`lightning_collab.backup.checkpoint_from_backup`)."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if not is_backup(checkpoint):
+            return checkpoint
+        module = self.lightning_module
+        assert module is not None, "a checkpoint is restored into the LightningModule being fitted"
+        version = importlib.import_module(self._lightning.name).__version__
+        return checkpoint_from_backup(checkpoint, module.state_dict(), version)
+
     def _join_collaboration(self, trainer: Any) -> None:
         previous = self.collaborative_optimizer  # from an earlier fit of this Trainer (shut down), or None
         optimizer = self._single_optimizer()
@@ -339,6 +353,7 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
             output = closure()
             # Lightning's on_before_optimizer_step hooks (a protected Precision method; clipping is refused with fp16)
             self.precision_plugin._after_closure(model, collaborative)  # type: ignore[arg-type]
+            collaborative.record_loss(output)  # (the other path's closure runs inside step(), which records it)
             collaborative.step(batch_size=samples)
         self._log_metrics()
         return output
