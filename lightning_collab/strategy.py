@@ -83,6 +83,16 @@ class LightningNamespace:
         )
 
 
+#: said once per strategy when Lightning would step the scheduler per epoch (its default ``interval``)
+EPOCH_INTERVAL_WARNING = (
+    "strategy='collaborative': the learning-rate scheduler ({scheduler}) has interval='epoch' (Lightning's default "
+    "for a scheduler returned without a config dict), but a collaboration has no shared epoch: it is stepped once "
+    "per collaborative step instead, so a schedule counted in epochs runs far faster (StepLR(step_size=1) divides "
+    "the learning rate at every collaborative step). Count the schedule in collaborative steps and return "
+    "{{'scheduler': scheduler, 'interval': 'step'}} from configure_optimizers."
+)
+
+
 def _keep_accumulated_gradients() -> None:
     """Replaces ``LightningModule.on_validation_model_zero_grad`` while gradient buffers are reused (see setup)."""
 
@@ -190,6 +200,7 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         self.join_hint: str | None = None
         self.collaborative_optimizer: CollaborativeOptimizer | None = None
         self._membership: Membership | None = None
+        self._epoch_interval_warned = False
         self._grad_scaler: Any = None
         self._pending_samples = 0
         self._metrics_logged_at = float("-inf")
@@ -281,6 +292,9 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         self.collaborative_optimizer = collaborative
         self.optimizers = [collaborative]
         for config in self.lr_scheduler_configs:
+            if config.interval == "epoch" and not self._epoch_interval_warned:
+                self._epoch_interval_warned = True
+                logger.warning(EPOCH_INTERVAL_WARNING.format(scheduler=type(config.scheduler).__name__))
             config.scheduler = SchedulerDrivenByCollaboration(config.scheduler)  # type: ignore[assignment]
         if settings.reuse_grad_buffers:
             # Lightning's default on_validation_model_zero_grad sets every .grad to None before an in-epoch
