@@ -18,20 +18,20 @@ TIMEOUTS = dict(averaging_timeout=6, matchmaking_time=2)
 
 @pytest.mark.slow
 def test_trainers_whose_round_failed_as_it_started_or_froze_through_one_end_identical(tmp_path):
-    """p1's round of step 1 fails as it starts (the others get partial results); p2 is stopped (SIGSTOP) for longer
-    than the averaging timeout in its round of step 2. All three end at the same step with identical parameters and
-    optimizer state, equal to one process replaying every round's contributed batches."""
+    """p1's round of step 1 fails as it starts (p0 gets partial results); p0 is stopped (SIGSTOP) for longer than the
+    averaging timeout in its round of step 2. Both end at the same step with identical parameters and optimizer
+    state, equal to one process replaying every round's contributed batches. (Two Trainers: the 3- and 4-peer
+    orders are the core's, whose peers start in a fraction of a Trainer's time.)"""
     frozen_for = str(TIMEOUTS["averaging_timeout"] + 3)
-    common = ["--peers", "3", "--steps", str(STEPS), "--scheduler", "step"]
+    common = ["--peers", "2", "--steps", str(STEPS), "--scheduler", "step"]
     specs = [
-        ("p0", [*common, "--batch-size", "16", "--data-seed", "1"], {}),
-        ("p1", [*common, "--batch-size", "8", "--data-seed", "2", "--fail-round-start-at-step", "1"], {}),
-        ("p2", [*common, "--batch-size", "12", "--data-seed", "3", "--freeze-at-step", "2",
+        ("p0", [*common, "--batch-size", "16", "--data-seed", "1", "--freeze-at-step", "2",
                 "--freeze-seconds", frozen_for], {}),
+        ("p1", [*common, "--batch-size", "8", "--data-seed", "2", "--fail-round-start-at-step", "1"], {}),
     ]  # fmt: skip
-    results = run_lightning_peers(tmp_path, "faults", specs, target_batch_size=96, **TIMEOUTS)
+    results = run_lightning_peers(tmp_path, "faults", specs, target_batch_size=64, **TIMEOUTS)
     assert "at its start" in results["p1"]["log"], "the round-start fault never fired"
-    assert "freeze hook: SIGSTOP" in results["p2"]["log"], "the freeze never fired"
+    assert "freeze hook: SIGSTOP" in results["p0"]["log"], "the freeze never fired"
     names = sorted(results)
     assert {name: results[name]["collaborative_step"] for name in names} == dict.fromkeys(names, STEPS)
     reference = results["p0"]
