@@ -228,6 +228,7 @@ class Collaboration:
         self._shutdown_done = False
         self._last_step_call: float | None = None
         self._seconds_per_call = 0.0  # moving average of the time between step() calls (this peer's micro-batch)
+        self._stepped_locally = False  # the scheme took a local (inner) step in the current try_step
 
         self.averager = CollaborativeAverager(
             scheme.make_buffers(),
@@ -326,6 +327,7 @@ class Collaboration:
             return self._report(StepOutcome.DOWNLOADED if loaded else StepOutcome.ACCUMULATED, step_before, decision)
 
         self.scheme.add_micro_batch(batch_size)
+        self._stepped_locally = self.scheme.steps_locally  # DiLoCo's inner step changed the parameters
         local = self.local_peer(background)
         # by the last view, may the target be reached before this peer finishes its next micro-batch? (with a margin
         # for the others' speed estimates, which are only moving averages)
@@ -353,8 +355,7 @@ class Collaboration:
     def _report(
         self, outcome: StepOutcome, step_before: int, decision: Decision | None = None, **kw: Any
     ) -> StepReport:
-        # a scheme that steps locally (DiLoCo's inner step) changed the parameters unless the micro-batch was dropped
-        local_update = self.scheme.steps_locally and outcome is not StepOutcome.DOWNLOADED
+        local_update, self._stepped_locally = self._stepped_locally, False
         report = StepReport(
             outcome,
             step_before,
