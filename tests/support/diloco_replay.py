@@ -11,6 +11,10 @@ peer trained on after its round (before it noticed that it had to download) chan
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 
@@ -19,29 +23,43 @@ from tests.support.round_contributions import round_contributions, sent_in_round
 
 
 class _SimulatedPeer:
-    def __init__(self, inner: str, scheduler: bool, outer_step: int):
-        self.model = make_model(0)
-        self.opt = make_optimizer(inner, self.model.parameters())
-        self.scheduler = make_scheduler(self.opt) if scheduler else None
+    def __init__(self, factories: Factories, outer_step: int):
+        self.model = factories.model()
+        self.opt = factories.inner(self.model.parameters())
+        self.scheduler = factories.scheduler(self.opt) if factories.scheduler is not None else None
         if self.scheduler is not None:  # a joiner downloads the scheduler's state at this step
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()"
                 for _ in range(outer_step):
                     self.scheduler.step()
 
-    def inner_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def inner_step(self, chunk: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One inner step on the micro-batches of one optimizer step (several with gradient accumulation: each
+        loss divided by their number, as Lightning and Accelerate do)."""
         self.opt.zero_grad()
-        torch.nn.functional.cross_entropy(self.model(x), y).backward()
+        for x, y in chunk:
+            (torch.nn.functional.cross_entropy(self.model(x), y) / len(chunk)).backward()
         self.opt.step()
         self.opt.zero_grad()
+
+
+@dataclass(frozen=True)
+class Factories:
+    """How each simulated peer builds its model, inner optimizer and scheduler (as the peer script does)."""
+
+    model: Callable[[], torch.nn.Module] = partial(make_model, 0)
+    inner: Callable[[Any], torch.optim.Optimizer] = partial(make_optimizer, "adamw")
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
 
 
 def replay_diloco(
     results: dict[str, dict],
     steps: int,
     *,
-    inner: str = "adamw",
     scheduler: bool = False,
+    factories: Factories | None = None,
+    batches_key: str = "inner_batches",
+    accumulate: Mapping[str, int] | None = None,
     outer_lr: float = 0.7,
     outer_momentum: float = 0.9,
     nesterov: bool = True,
@@ -49,36 +67,49 @@ def replay_diloco(
 ) -> tuple[list[torch.Tensor], torch.optim.SGD]:
     """θ_global after ``steps`` outer steps, and the outer optimizer (its momentum), simulated in one process.
 
-    ``sample_weighted=False`` (equal weights) and ``nesterov=False`` exist to show that the comparison of a test
-    with this replay detects those mistakes.
+    Args:
+        results: the peers' records, by name (``results[name][batches_key]`` lists ``(outer step, x, y)``).
+        steps: outer steps to simulate.
+        scheduler: the core peer's scheduler (``make_scheduler``) on every simulated peer.
+        factories: model, inner optimizer and scheduler of the peer script (default: the core peer's, AdamW).
+        batches_key: which record lists the micro-batches the inner optimizer trained on.
+        accumulate: micro-batches per inner step, by peer name (gradient accumulation; default 1).
+        outer_lr: the outer SGD's learning rate.
+        outer_momentum: its momentum.
+        nesterov: its Nesterov flag.
+        sample_weighted: weight each peer's pseudo-gradient by its samples (False: equally).
+
+    ``sample_weighted=False`` and ``nesterov=False`` exist to show that a test's comparison with this replay detects
+    those mistakes.
     """
-    global_params = [p.detach().clone() for p in make_model(0).parameters()]
+    if factories is None:
+        factories = Factories(scheduler=make_scheduler if scheduler else None)
+    global_params = [p.detach().clone() for p in factories.model().parameters()]
     outer = torch.optim.SGD(global_params, lr=outer_lr, momentum=outer_momentum, nesterov=nesterov)
     peers: dict[str, _SimulatedPeer] = {}
     for step in range(steps):
         contributions = round_contributions(results.values(), step)
         deltas: list[tuple[float, list[torch.Tensor]]] = []
         for name, result in sorted(results.items()):
-            items = [(x, y) for (k, x, y) in result["inner_batches"] if k == step]
+            items = [(x, y) for (k, x, y) in result[batches_key] if k == step]
             if not items:
                 continue
-            peer = peers.setdefault(name, _SimulatedPeer(inner, scheduler, step))
+            k = (accumulate or {}).get(name, 1)
+            peer = peers.setdefault(name, _SimulatedPeer(factories, step))
             with torch.no_grad():
                 for param, global_param in zip(peer.model.parameters(), global_params, strict=True):
                     param.copy_(global_param)
             samples = contributions.get(result["peer_id"], 0)
-            sent = (
-                sent_in_round(items, samples, lambda b: len(b[0]), took_step=step in result["contributions"])
-                if samples
-                else []
-            )
-            for x, y in sent:
-                peer.inner_step(x, y)
+            took_step = step in result["contributions"]
+            sent = sent_in_round(items, samples, lambda b: len(b[0]), took_step=took_step) if samples else []
+            for start in range(0, len(sent), k):
+                peer.inner_step(sent[start : start + k])
             if samples:
                 delta = [g - p.detach() for g, p in zip(global_params, peer.model.parameters(), strict=True)]
                 deltas.append((float(samples) if sample_weighted else 1.0, delta))
-            for x, y in items[len(sent) :]:
-                peer.inner_step(x, y)
+            rest = items[len(sent) :]
+            for start in range(0, len(rest), k):
+                peer.inner_step(rest[start : start + k])
         assert deltas, f"outer step {step} averaged nobody"
         total = sum(weight for weight, _ in deltas)
         for index, global_param in enumerate(global_params):
@@ -92,4 +123,4 @@ def replay_diloco(
     return global_params, outer
 
 
-__all__ = ["replay_diloco"]
+__all__ = ["Factories", "replay_diloco"]
