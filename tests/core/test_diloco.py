@@ -7,13 +7,14 @@ micro-batches the peers recorded, and the outer Nesterov SGD on the sample-weigh
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import pytest
 import torch
 
-from tests.peers.core_peer import failed_round_step, make_scheduler
+from tests.peers.core_peer import failed_round_step, make_model, make_scheduler
 from tests.support.core_runs import TIMEOUT, max_diff, peer_spec, run_peers, state_diff
-from tests.support.diloco_replay import replay_diloco
+from tests.support.diloco_replay import Factories, replay_diloco
 from tests.support.processes import PeerSet, bootstrap_dht, collab_env
 from tests.support.round_contributions import round_contributions
 
@@ -208,3 +209,53 @@ def test_a_killed_peer_delays_the_others_by_at_most_the_averaging_timeout(tmp_pa
     )
     print(f"longest gap between two outer steps of a survivor: {longest_gap:.1f}s")
     assert longest_gap <= averaging_timeout + 2 * matchmaking_time + 10
+
+
+# ---------------------------------------------------------------------------------------------------- 5 and 6
+
+
+@pytest.fixture(scope="module", params=["uniform8bit", "float16-bf16"], ids=["uniform8bit", "float16+bf16-params"])
+def compressed(request, tmp_path_factory):
+    """2 peers, 3 outer steps, the pseudo-gradient compressed; with float16 also bf16 parameters (inner training)."""
+    compression, _, dtype = request.param.partition("-")
+    extra = ("--dtype", "bfloat16") if dtype else ()
+    steps = 3
+    specs = [peer_spec(f"p{i}", bs, 1000 + i, steps, *DILOCO, *extra, peers=2) for i, bs in enumerate((16, 8))]
+    results = run_peers(
+        tmp_path_factory.mktemp(f"diloco_{compression}"), f"diloco_{compression}", specs, target_batch_size=6 * 24,
+        averaging_timeout=20, matchmaking_time=3, compression=compression,
+    )  # fmt: skip
+    return request.param, steps, torch.bfloat16 if dtype else torch.float32, results
+
+
+def test_compressed_pseudo_gradients_really_average(compressed):
+    """Semantics 5 (and 6 with bf16): the peers end at the replay's θ_global up to the codec's error, far from where
+    each would be with only its own pseudo-gradient (what a silently failed decode leaves)."""
+    name, steps, dtype, results = compressed
+    factories = Factories(model=partial(make_model, 0, dtype))
+    exact, _ = replay_diloco(results, steps, factories=factories)
+    unaveraged, _ = replay_diloco(results, steps, factories=factories, only_peer="p0")
+    averaging_effect = max_diff(exact, unaveraged)
+    for result in results.values():
+        assert result["local_step"] == steps
+        error = max_diff(result["final"]["global_params"], exact)
+        print(f"{name} {result['name']}: |θ_global - replay| = {error:.2e}, averaging moved it {averaging_effect:.2e}")
+        assert error <= 0.1 * averaging_effect
+    a, b = (result["final"]["global_params"] for result in results.values())
+    assert max_diff(a, b) <= 0.1 * averaging_effect
+
+
+def test_bf16_inner_training_keeps_the_global_state_float32(compressed):
+    """Semantics 6: bf16 parameters and inner steps; θ_global, the outer momentum and the averaged pseudo-gradient
+    stay float32 (θ_global is not bf16-representable), θ_local is θ_global rounded, everything finite."""
+    name, steps, dtype, results = compressed
+    if dtype is not torch.bfloat16:
+        pytest.skip("the float32 run")
+    for result in results.values():
+        final = result["final"]
+        assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in final["params"])
+        assert all(p.dtype == torch.float32 for p in final["global_params"])
+        assert all(m.dtype == torch.float32 for m in final["outer_state"].values())
+        rounded = [p.to(torch.bfloat16) for p in final["global_params"]]
+        assert max_diff(final["params"], rounded) == 0  # θ_local = θ_global (rounded to bf16) after the outer step
+        assert any((p - p.to(torch.bfloat16).float()).abs().max() > 0 for p in final["global_params"])

@@ -37,8 +37,10 @@ class _SimulatedPeer:
         """One inner step on the micro-batches of one optimizer step (several with gradient accumulation: each
         loss divided by their number, as Lightning and Accelerate do)."""
         self.opt.zero_grad()
+        dtype = next(self.model.parameters()).dtype
         for x, y in chunk:
-            (torch.nn.functional.cross_entropy(self.model(x), y) / len(chunk)).backward()
+            logits = self.model(x.to(dtype)).float()
+            (torch.nn.functional.cross_entropy(logits, y) / len(chunk)).backward()
         self.opt.step()
         self.opt.zero_grad()
 
@@ -64,6 +66,7 @@ def replay_diloco(
     outer_momentum: float = 0.9,
     nesterov: bool = True,
     sample_weighted: bool = True,
+    only_peer: str | None = None,
 ) -> tuple[list[torch.Tensor], torch.optim.SGD]:
     """θ_global after ``steps`` outer steps, and the outer optimizer (its momentum), simulated in one process.
 
@@ -78,13 +81,14 @@ def replay_diloco(
         outer_momentum: its momentum.
         nesterov: its Nesterov flag.
         sample_weighted: weight each peer's pseudo-gradient by its samples (False: equally).
+        only_peer: use only this peer's pseudo-gradient (what a peer would get if nothing were averaged).
 
     ``sample_weighted=False`` and ``nesterov=False`` exist to show that a test's comparison with this replay detects
     those mistakes.
     """
     if factories is None:
         factories = Factories(scheduler=make_scheduler if scheduler else None)
-    global_params = [p.detach().clone() for p in factories.model().parameters()]
+    global_params = [p.detach().float() for p in factories.model().parameters()]  # θ_global is float32
     outer = torch.optim.SGD(global_params, lr=outer_lr, momentum=outer_momentum, nesterov=nesterov)
     peers: dict[str, _SimulatedPeer] = {}
     for step in range(steps):
@@ -104,8 +108,8 @@ def replay_diloco(
             sent = sent_in_round(items, samples, lambda b: len(b[0]), took_step=took_step) if samples else []
             for start in range(0, len(sent), k):
                 peer.inner_step(sent[start : start + k])
-            if samples:
-                delta = [g - p.detach() for g, p in zip(global_params, peer.model.parameters(), strict=True)]
+            if samples and only_peer in (None, name):
+                delta = [g - p.detach().float() for g, p in zip(global_params, peer.model.parameters(), strict=True)]
                 deltas.append((float(samples) if sample_weighted else 1.0, delta))
             rest = items[len(sent) :]
             for start in range(0, len(rest), k):
