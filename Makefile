@@ -48,7 +48,7 @@ soak: $(STAMP) ## Churn soak: 4 peers joining/leaving/crashing for SOAK_SECONDS 
 demo: $(DEMO_STAMP) ## Run a real collaborative training of PEERS peers for STEPS steps (ALGORITHM=diloco: DiLoCo)
 	$(VENV_PY) -m examples.demo --peers $(PEERS) --steps $(STEPS) --algorithm $(ALGORITHM) --output-dir demo_out
 
-bench: $(STAMP) ## Benchmarks W1-W5 vs raw hivemind: table, bench/results/<date>.json + W1 plot (BENCH_ARGS="--workload W1")
+bench: $(STAMP) ## Benchmarks W1-W5 vs raw hivemind, W7 DiLoCo vs gradient: table, bench/results/<date>.json + W1 plot (BENCH_ARGS="--workload W1")
 	$(VENV_PY) -m bench $(BENCH_ARGS)
 
 lint: $(STAMP) ## ruff check + ruff format --check + mypy on the public packages
