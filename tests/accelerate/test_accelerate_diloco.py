@@ -12,7 +12,8 @@ from accelerate_collab import CollaborativeConfig, prepare_collaborative
 from collab_core import DiLoCoOptimizer
 from tests.peers.accelerate_peer import make_model, make_scheduler
 from tests.support.accelerate_inprocess import loader, max_diff, train
-from tests.support.processes import LOOPBACK
+from tests.support.accelerate_launching import LaunchedPeers
+from tests.support.processes import LOOPBACK, bootstrap_dht, collab_env
 
 BATCH, ACCUMULATION, SAMPLES = 8, 2, 64
 INNER_STEPS = SAMPLES // (BATCH * ACCUMULATION)  # per outer step: the target is one pass over the data
@@ -80,3 +81,22 @@ def test_diloco_from_the_config_file_alone_matches_a_plain_diloco_loop(tmp_path,
         assert trained.lrs == pytest.approx([0.01 / (1 + k) for k in range(OUTER_STEPS)])
     finally:
         optimizer.shutdown()
+
+
+@pytest.mark.timeout(240)
+def test_two_local_processes_follow_every_inner_step(tmp_path):
+    """``accelerate launch --num_processes 2`` with ``COLLAB_ALGORITHM=diloco``: the main process takes the inner
+    steps; the other process receives the parameters after every one of them (not only at outer steps), so both
+    train the same replica (their forward passes use the same weights)."""
+    with bootstrap_dht() as dht:
+        env = collab_env(dht, "acc-diloco", target_batch_size=64, algorithm="diloco", averaging_timeout=20)
+        with LaunchedPeers(tmp_path, env) as peers:
+            args = ["--peers", "1", "--steps", "3", "--samples", "64", "--batch-size", "4", "--data-seed", "1"]
+            peer = peers.start("solo", args, num_processes=2)
+            peers.wait([peer], timeout=200)
+            main, follower = peer.results()
+    assert main["collaboration_state"]["optimizer_step"] == 3
+    sync_calls = [call for call in main["calls"] if call["sync"]]
+    assert len(sync_calls) == 3 * 8 and all(call["params_changed"] for call in sync_calls)  # 8 inner steps each
+    assert [c["params_changed"] for c in follower["calls"]] == [c["params_changed"] for c in main["calls"]]
+    assert max_diff(main["final_params"], follower["final_params"]) == 0
