@@ -14,9 +14,9 @@ scheme (:class:`~collab_core.collaboration.Collaboration`: planner, fingerprints
 The inner optimizer's state (e.g. Adam moments) never leaves the peer and persists across outer steps. A round that
 fails with nobody stepping changes nothing: the peer keeps its local progress (θᵢ and its sample count) and
 contributes all of it to the next outer round. A joining peer downloads θ_global, the outer optimizer's momentum and
-hyperparameters, the step, the scheduler state and the inner learning rates; its inner optimizer starts fresh (as its
-own, never-stepped optimizer). A peer that downloads because it missed an outer step keeps its inner optimizer state,
-as it does across every outer step.
+hyperparameters, the step, the scheduler state and the inner learning rates; the inner optimizer's state is never
+downloaded, so a joiner that downloads before its first step starts with a fresh inner optimizer. A peer that
+downloads because it missed an outer step keeps its inner optimizer state, as it does across every outer step.
 """
 
 from __future__ import annotations
