@@ -18,8 +18,10 @@ from accelerate_collab.batch import MicroBatchCounter
 from accelerate_collab.local import LocalGroup, StepOutcome
 from accelerate_collab.metrics import ProgressReporter
 from collab_core import CollaborativeOptimizer
+from collab_core.backup import is_backup
 from collab_core.collaboration import StepOutcome as CoreStepOutcome
 from collab_core.log import get_logger
+from collab_core.state import restore_state
 
 logger = get_logger(__name__)
 
@@ -103,25 +105,27 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
 
     # ------------------------------------------------------------------ the training loop
 
-    def step(self, closure: Any = None, *, batch_size: int | None = None) -> Any:
+    def step(self, closure: Any = None, *, batch_size: int | None = None, loss: Any = None) -> Any:
         """Count this micro-batch; on a sync step, contribute the peer's gradients to the collaboration.
 
         Args:
             closure: optional, as in ``torch.optim.Optimizer.step``: called first to compute the loss and gradients.
             batch_size: samples of this micro-batch on this process; default: the ``batch_size`` setting, else the
                 batch size of the prepared dataloader being iterated.
+            loss: optional: this micro-batch's loss, published for ``collab monitor`` (see :meth:`record_loss`).
 
         Returns:
             The closure's loss, if a closure was given.
         """
-        loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if loss is not None:
+            self.record_loss(loss)
         self._counter.add(batch_size)
         if not self.gradient_state.sync_gradients:
             self._skipped = True  # accumulating: Accelerate's "step only on sync steps"
-            return loss
+            return loss if closure is not None else None
         samples, micro_batches = self._counter.take()
         peer_samples = self._group.total(samples)
         outcome: StepOutcome | None = None
@@ -141,7 +145,13 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
         self._skipped = not outcome.updated
         if self._reporter is not None:
             self._reporter.after_call(outcome.changed)
-        return loss
+        return loss if closure is not None else None
+
+    def record_loss(self, loss: Any) -> None:
+        """Publish ``loss`` (a number or one-element tensor) as this peer's latest training loss, shown by
+        ``collab monitor``. Only the main process's value is published (one peer per launch); a no-op elsewhere."""
+        if self.collaborative_optimizer is not None:
+            self.collaborative_optimizer.record_loss(loss)
 
     def zero_grad(self, set_to_none: bool | None = None) -> None:
         """Clear gradients on sync steps only; never with ``reuse_grad_buffers`` (they hold counted samples).
@@ -223,9 +233,15 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a checkpoint made by :meth:`state_dict` (``accelerator.load_state`` calls this on every process)."""
+        """Restore a checkpoint made by :meth:`state_dict`, or a swarm backup (parameters too), on every process
+        (``accelerator.load_state`` calls this)."""
         if self.collaborative_optimizer is not None:
             self.collaborative_optimizer.load_state_dict(state_dict)
+            return
+        if is_backup(state_dict):  # a swarm backup: parameters, optimizer and scheduler state, as a download
+            self._step = restore_state(
+                self.local_optimizer, self.lr_scheduler, state_dict["metadata"], state_dict["tensors"]
+            )
             return
         if "local_step" not in state_dict:
             self.local_optimizer.load_state_dict(state_dict)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from accelerate_collab.metrics import ProgressReporter
 from accelerate_collab.optimizer import CollaborativeAcceleratedOptimizer
 from accelerate_collab.scheduler import CollaborativeAcceleratedScheduler
 from collab_core import CollaborativeOptimizer, CollaborativeSettings
+from collab_core.backup import BACKUP_FILE
 from collab_core.join import join
 from collab_core.log import get_logger
 from collab_core.scheduler import check_collaborative_scheduler
@@ -105,8 +107,16 @@ def prepare_collaborative(
         dht=own_dht,
     )
     atexit.register(wrapped.shutdown)
+    accelerator.register_load_state_pre_hook(_weights_of_backups_come_with_the_optimizer)
     wrapped_scheduler = CollaborativeAcceleratedScheduler(scheduler, wrapped) if scheduler is not None else None
     return wrapped, wrapped_scheduler
+
+
+def _weights_of_backups_come_with_the_optimizer(models: list[Any], input_dir: str) -> None:
+    """``accelerator.load_state`` hook: a swarm backup folder (``collab monitor --backup-dir``) has no model file;
+    its parameters are restored with the optimizer state (by position, as in a state download)."""
+    if (Path(input_dir) / BACKUP_FILE).is_file():
+        models.clear()
 
 
 def _check_arguments(optimizer: Any, scheduler: Any, config: Any) -> None:

@@ -46,9 +46,12 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from collab_core.averager import CollaborativeAverager
+from collab_core.backup import is_backup
 from collab_core.fingerprint import next_fingerprint, tensors_fingerprint
 from collab_core.local_update import LocalUpdate
 from collab_core.log import get_logger
+from collab_core.metrics_publisher import MetricsPublisher
+from collab_core.peer_metrics import package_version
 from collab_core.planner import Action, Decision, Fork, LocalPeer, RoundPlanner
 from collab_core.progress import CollaborationTracker, CollaborationView
 from collab_core.reporting import CollaborationProgress
@@ -256,6 +259,16 @@ class Collaboration:
         except BaseException:
             self.averager.shutdown()
             raise
+        #: this peer's metrics record for monitors (``collab monitor``): loss, samples contributed, how it is reached
+        self.metrics = MetricsPublisher(
+            dht,
+            prefix,
+            self.tracker._local_public_key,
+            target_batch_size=target_batch_size,
+            client_mode=client_mode,
+            expiration=float(self.tracker.metadata_expiration),
+            version=package_version(),
+        )
         #: human-facing status lines (peers joined or left, downloads, failed rounds, periodic progress)
         self.status = CollaborationProgress(prefix, periodic=True, level=self.status_loglevel)
         self._status_at = -math.inf
@@ -304,6 +317,11 @@ class Collaboration:
             forks_healed=self.forks_healed,
         )
 
+    def record_loss(self, loss: Any) -> None:
+        """The latest training loss, published in this peer's metrics record (see
+        :meth:`collab_core.metrics_publisher.MetricsPublisher.record_loss`)."""
+        self.metrics.record_loss(loss)
+
     # ------------------------------------------------------------------ one step() call
 
     def try_step(self, batch_size: int) -> StepReport:
@@ -328,6 +346,7 @@ class Collaboration:
 
         self.scheme.add_micro_batch(batch_size)
         self._stepped_locally = self.scheme.steps_locally  # DiLoCo's inner step changed the parameters
+        self.metrics.count(batch_size)
         local = self.local_peer(background)
         # by the last view, may the target be reached before this peer finishes its next micro-batch? (with a margin
         # for the others' speed estimates, which are only moving averages)
@@ -365,6 +384,7 @@ class Collaboration:
             **kw,
         )
         self.last_report = report
+        self.metrics.at_step(self.local_step)
         now = time.monotonic()
         if outcome is not StepOutcome.ACCUMULATED or now - self._status_at >= STATUS_INTERVAL:
             self._status_at = now
@@ -551,6 +571,7 @@ class Collaboration:
             self.tracker.update_epoch(step)
         if not self.client_mode:
             self.averager.state_sharing_priority = step  # peers download from the most advanced peer first
+        self.metrics.at_step(step)
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint: optimizer and scheduler state dicts, the collaborative step and the fingerprint."""
@@ -568,12 +589,22 @@ class Collaboration:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a checkpoint made by :meth:`state_dict` (a plain optimizer state dict is accepted as well; it
-        leaves the step and fingerprint as they are).
+        leaves the step and fingerprint as they are), or a swarm backup (:mod:`collab_core.backup`), which also
+        restores the parameters.
 
         A checkpoint without a fingerprint (older versions, or a plain state dict) gets one from its parameters, so
         peers restarted from the same checkpoint agree and peers restarted from different ones are a fork.
         """
         opt, scheduler = self.local.opt, self.local.scheduler
+        if is_backup(state_dict):  # a swarm backup (collab monitor --backup-dir): a state download from disk
+            with self._state_lock:
+                step = self.scheme.restore(state_dict["metadata"], state_dict["tensors"])
+                fingerprint = state_dict.get("fingerprint") or tensors_fingerprint(self.local.params, step=step)
+                self._move_to(step, fingerprint)
+                self._last_round_reached = None
+            if not self._shutdown_done:
+                self._announce()
+            return
         with self._state_lock:
             if "local_step" not in state_dict:  # a plain optimizer state dict: the collaborative step stays
                 opt.load_state_dict(state_dict)
@@ -619,6 +650,7 @@ class Collaboration:
         finally:
             self.activity = "stopped"
         try:
+            self.metrics.withdraw(timeout=self.timeouts.request)
             self.tracker.shutdown(timeout=self.timeouts.request)
         finally:
             if self.averager.is_alive():

@@ -59,6 +59,11 @@ def start_dht(
     hint = join_hint(dht, settings)
     if print_hint:
         print(hint, flush=True)
+    if not dht.client_mode:  # can the peers we join connect back to us? (advice printed once per process)
+        from collab_core.metrics_publisher import reachable_maddrs
+        from collab_core.reachability import advise_once
+
+        advise_once(reachable_maddrs(dht), settings.initial_peers, settings.client_mode)
     return dht, hint
 
 

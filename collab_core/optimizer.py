@@ -375,11 +375,21 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            self.collaboration.record_loss(loss)
         batch_size = self._resolve_batch_size(batch_size)
         if self.collaboration.is_shut_down:
             raise ValueError(f"this {type(self).__name__} was shut down; create a new one to keep training")
         self.collaboration.try_step(batch_size)
         return loss
+
+    def record_loss(self, loss: Any) -> None:
+        """Publish ``loss`` (a number or a one-element tensor) as this peer's latest training loss.
+
+        It goes into this peer's metrics record, which ``collab monitor`` shows (loss against step). Call it once per
+        micro-batch, or as often as convenient; only the latest value is published (at most once a second, without
+        waiting for the network). A closure's loss passed to :meth:`step` is recorded automatically.
+        """
+        self.collaboration.record_loss(loss)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``param.grad`` (``step`` already does this after accumulating).

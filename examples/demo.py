@@ -13,6 +13,10 @@ What happens:
 4. At the end: a summary table (steps, samples, accuracy, whether the surviving peers hold identical weights, checked
    on the saved models) and ``demo_out/``: the final model, each peer's log, ``metrics.csv`` and ``plot.png``.
 
+``collab monitor`` watches the run from the start (its URL is printed first); near the end of training a headless
+Chromium saves a screenshot of its dashboard as ``demo_out/dashboard.png`` (skipped, with the reason, if Chromium
+is not installed).
+
 Every process the demo starts ends with it, also on Ctrl-C or failure.
 """
 
@@ -28,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +50,9 @@ POLL_SECONDS = 0.25
 # a peer whose status file (rewritten every 0.3 s) is older than this has stopped reporting: the plot and the table
 # count it as gone (the DHT view of the other peers keeps a crashed peer's record until it expires, 60 s)
 STALE_SECONDS = 2.0
+# the dashboard screenshot is taken once the collaboration reached this fraction of the steps (peers still train)
+SCREENSHOT_AT = 0.9
+MONITOR_URL = re.compile(r"open (http://\S+) to watch")
 
 
 @dataclass
@@ -109,10 +117,15 @@ def start_process(command: list[str], log: Path, env: dict[str, str]) -> subproc
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            # this checkout's packages first (a script's own folder, not the repository, is on its sys.path)
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _python_path()},
             start_new_session=True,  # its own process group: we can end it with its DHT/averager children
             preexec_fn=_default_sigint,
         )
+
+
+def _python_path() -> str:
+    return os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
 
 
 def _default_sigint() -> None:
@@ -142,6 +155,10 @@ class Demo:
         self.out = Path(args.output_dir).resolve()
         self.peers: list[DemoPeer] = []
         self.bootstrap: subprocess.Popen | None = None
+        self.monitor: subprocess.Popen | None = None
+        self.monitor_url: str | None = None
+        self.screenshot: threading.Thread | None = None
+        self.screenshot_result = "not taken (the run ended before the screenshot step)"
         self.join_env: dict[str, str] = {}
         self.timeline: list[dict] = []
         self.presence: list[dict] = []  # {"time", "reporting"}: how many peers were reporting at each poll
@@ -169,6 +186,46 @@ class Demo:
                 break
             time.sleep(0.1)
         raise RuntimeError(f"the bootstrap peer printed no join hint; see {log}")
+
+    def launch_monitor(self, port: int) -> None:
+        """Start ``collab monitor`` of the run (its own process) on ``port``."""
+        initial = self.join_env["COLLAB_INITIAL_PEERS"].split()
+        command = [sys.executable, "-m", "collab_core", "monitor", "--run-id", self.join_env["COLLAB_RUN_ID"],
+                   "--initial-peers", *initial, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+        self.monitor = start_process(command, self.out / "monitor.log", {"COLLAB_HOST_MADDRS": "/ip4/127.0.0.1/tcp/0"})
+
+    def await_monitor(self) -> None:
+        """Wait (bounded) for the monitor's URL and print it; if its port was taken, try again on a free one."""
+        log = self.out / "monitor.log"
+        for retry_port in (0, None):
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and self.monitor is not None and self.monitor.poll() is None:
+                match = MONITOR_URL.search(log.read_text(errors="replace")) if log.exists() else None
+                if match:
+                    self.monitor_url = match.group(1)
+                    print(f"open {self.monitor_url} to watch (collab monitor of run {self.args.run_id!r})", flush=True)
+                    return
+                time.sleep(0.1)
+            if self.monitor is not None:
+                end_process_group(self.monitor)
+            if retry_port is not None:
+                self.launch_monitor(retry_port)
+        print(f"the monitor did not start (see {log}); the demo runs without it", flush=True)
+
+    def maybe_capture_dashboard(self, step: int) -> None:
+        """Once near the end of training, screenshot the dashboard in the background (the table keeps updating)."""
+        if self.monitor_url is None or self.screenshot is not None or step < SCREENSHOT_AT * self.args.steps:
+            return
+        from examples.dashboard_capture import capture
+
+        url = self.monitor_url
+
+        def take() -> None:
+            reason = capture(url, self.out / "dashboard.png")
+            self.screenshot_result = "dashboard.png" if reason is None else f"no dashboard screenshot: {reason}"
+
+        self.screenshot = threading.Thread(target=take, daemon=True)
+        self.screenshot.start()
 
     def start_peer(self, peer: DemoPeer) -> None:
         peer.workdir.mkdir(parents=True, exist_ok=True)
@@ -209,8 +266,12 @@ class Demo:
         ]
         self.start_bootstrap()
         self.event(f"bootstrap peer up; join hint: {' '.join(f'{k}={v}' for k, v in self.join_env.items())}")
+        if self.args.monitor:
+            self.launch_monitor(self.args.monitor_port)
         for peer in self.peers:
             self.start_peer(peer)  # the late one waits (imports done) until its start file exists
+        if self.args.monitor:
+            self.await_monitor()  # the URL comes first, before the live table
         return self.watch()
 
     def watch(self) -> int:
@@ -237,6 +298,7 @@ class Demo:
     def poll(self) -> None:
         step = max((peer.status.get("step", 0) for peer in self.peers), default=0)
         now = time.monotonic() - self.started
+        self.maybe_capture_dashboard(step)
         for peer in self.peers:
             if peer.process is None:
                 continue
@@ -306,6 +368,8 @@ class Demo:
 
         console = self.console
         console.print()
+        if self.screenshot is not None:
+            self.screenshot.join(timeout=90)
         summaries = {}
         for peer in self.peers:
             path = peer.workdir / "summary.json"
@@ -339,7 +403,8 @@ class Demo:
             f"{max_diff:.2e})"
         )
         console.print(
-            f"outputs: {self.out}/ (model.pt, metrics.csv, peers.csv, {plot.name if plot else 'no plot'}, peers/*/)"
+            f"outputs: {self.out}/ (model.pt, metrics.csv, peers.csv, {plot.name if plot else 'no plot'}, "
+            f"{self.screenshot_result if self.args.monitor else 'no monitor (--no-monitor)'}, peers/*/)"
         )
         if not identical or not survivors:
             return code or 1
@@ -426,6 +491,8 @@ class Demo:
         for peer in self.peers:
             if peer.process is not None:
                 end_process_group(peer.process)
+        if self.monitor is not None:
+            end_process_group(self.monitor)
         if self.bootstrap is not None:
             end_process_group(self.bootstrap)
 
@@ -465,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the collaboration's algorithm (COLLAB_ALGORITHM of every peer; default gradient)",
     )  # fmt: skip
     parser.add_argument("--timeout", type=float, default=600, help="stop everything after this many seconds")
+    parser.add_argument("--monitor-port", type=int, default=8765, help="port of the dashboard (default 8765)")
+    parser.add_argument("--no-monitor", dest="monitor", action="store_false", help="do not start collab monitor")
     parser.add_argument("--bootstrap", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bootstrap:

@@ -31,11 +31,13 @@ import torch
 from typing_extensions import override
 
 from collab_core import CollaborativeOptimizer, CollaborativeSettings
+from collab_core.backup import is_backup
 from collab_core.join import Membership, join
 from collab_core.log import get_logger
 from collab_core.metrics import PROGRESS_BAR_METRICS, collaboration_metrics
 from collab_core.reporting import CollaborationProgress
 from collab_core.scheduler import SchedulerDrivenByCollaboration, check_collaborative_scheduler
+from lightning_collab.backup import checkpoint_from_backup
 
 if TYPE_CHECKING:  # for type checkers the mixin is a strategy (both namespaces' strategies have the same API)
     from pytorch_lightning.strategies import SingleDeviceStrategy as _TypedStrategyBase
@@ -79,6 +81,16 @@ class LightningNamespace:
             TrainerFn=module("trainer.states").TrainerFn,
             extract_batch_size=module("utilities.data").extract_batch_size,
         )
+
+
+#: said once per strategy when Lightning would step the scheduler per epoch (its default ``interval``)
+EPOCH_INTERVAL_WARNING = (
+    "strategy='collaborative': the learning-rate scheduler ({scheduler}) has interval='epoch' (Lightning's default "
+    "for a scheduler returned without a config dict), but a collaboration has no shared epoch: it is stepped once "
+    "per collaborative step instead, so a schedule counted in epochs runs far faster (StepLR(step_size=1) divides "
+    "the learning rate at every collaborative step). Count the schedule in collaborative steps and return "
+    "{{'scheduler': scheduler, 'interval': 'step'}} from configure_optimizers."
+)
 
 
 def _keep_accumulated_gradients() -> None:
@@ -199,6 +211,7 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         self.join_hint: str | None = None
         self.collaborative_optimizer: CollaborativeOptimizer | None = None
         self._membership: Membership | None = None
+        self._epoch_interval_warned = False
         self._grad_scaler: Any = None
         self._pending_samples = 0
         self._metrics_logged_at = float("-inf")
@@ -264,6 +277,18 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         self._leave_collaboration()
         super().teardown()
 
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loading, plus swarm backups (``collab monitor --backup-dir``): ``fit(ckpt_path=backup)``
+        resumes from one (see :func:`lightning_collab.backup.checkpoint_from_backup`)."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if not is_backup(checkpoint):
+            return checkpoint
+        module = self.lightning_module
+        assert module is not None, "a checkpoint is restored into the LightningModule being fitted"
+        version = importlib.import_module(self._lightning.name).__version__
+        return checkpoint_from_backup(checkpoint, module.state_dict(), version)
+
     def _join_collaboration(self, trainer: Any) -> None:
         previous = self.collaborative_optimizer  # from an earlier fit of this Trainer (shut down), or None
         optimizer = self._single_optimizer()
@@ -278,6 +303,9 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         self.collaborative_optimizer = collaborative
         self.optimizers = [collaborative]
         for config in self.lr_scheduler_configs:
+            if config.interval == "epoch" and not self._epoch_interval_warned:
+                self._epoch_interval_warned = True
+                logger.warning(EPOCH_INTERVAL_WARNING.format(scheduler=type(config.scheduler).__name__))
             config.scheduler = SchedulerDrivenByCollaboration(config.scheduler)  # type: ignore[assignment]
         if settings.reuse_grad_buffers:
             # Lightning's default on_validation_model_zero_grad sets every .grad to None before an in-epoch
@@ -350,6 +378,7 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
             output = closure()
             # Lightning's on_before_optimizer_step hooks (a protected Precision method; clipping is refused with fp16)
             self.precision_plugin._after_closure(model, collaborative)  # type: ignore[arg-type]
+            collaborative.record_loss(output)  # (the other path's closure runs inside step(), which records it)
             collaborative.step(batch_size=samples)
         self._log_metrics()
         return output

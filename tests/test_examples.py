@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import sys
 
 from tests.support.console_output import absurd_etas, join_hints
@@ -34,9 +35,13 @@ def test_demo_driver_runs_a_collaboration_with_churn(tmp_path):
     """`make demo` in small: 3 Lightning peers (one joins late, one is killed); survivors end identical."""
     out = tmp_path / "demo_out"
     command = [sys.executable, "-m", "examples.demo", "--peers", "3", "--steps", "30", "--output-dir", str(out)]
+    command += ["--monitor-port", "0"]  # any free port: 8765 may be taken on this machine
     returncode, output = run_to_completion(command, timeout=240, env={"PYTHONPATH": str(REPO_ROOT)})
     assert returncode == 0, output
     assert "surviving peers with identical weights: yes" in output
+    # collab monitor watched the run: its URL comes first, its dashboard's screenshot (or the reason) at the end
+    assert re.match(r"open http://127\.0\.0\.1:\d+ to watch", output.lstrip()), output[:500]
+    assert (out / "dashboard.png").exists() or "no dashboard screenshot:" in output, output[-2000:]
     assert "peer2: SIGKILL" in output and "peer1 started" in output
     for name in ("model.pt", "metrics.csv", "peers.csv", "plot.png", "bootstrap.log", "peers/peer0/peer.log"):
         assert (out / name).exists(), name

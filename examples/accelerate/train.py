@@ -108,7 +108,7 @@ def main() -> None:
             with accelerator.accumulate(model):
                 loss = loss_fn(model(x), y)
                 accelerator.backward(loss)
-                optimizer.step()
+                optimizer.step(loss=loss)  # the loss is published for collab monitor
                 scheduler.step()
                 optimizer.zero_grad()
             step = optimizer.collaborative_step

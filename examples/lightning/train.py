@@ -130,6 +130,7 @@ class PeerStatusFile(pl.Callback):
         self.progress = CollaborationProgress("status", log=lambda level, message: None)  # the collaboration's ETA
         self.trainer: pl.Trainer | None = None
         self._stop = threading.Event()
+        self._write_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="PeerStatusFile", daemon=True)
         self._thread.start()
 
@@ -172,9 +173,12 @@ class PeerStatusFile(pl.Callback):
         return snapshot
 
     def _write(self) -> None:
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self._snapshot()))
-        os.replace(temporary, self.path)
+        # the writer thread and the training thread (on_train_end, on_exception) both write: one at a time, or one
+        # moves the other's temporary file away (FileNotFoundError at the end of a run)
+        with self._write_lock:
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self._snapshot()))
+            os.replace(temporary, self.path)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

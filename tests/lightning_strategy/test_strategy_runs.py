@@ -156,6 +156,17 @@ def test_metrics_reach_progress_bar_and_csv_logger(lockstep):
 
 
 @pytest.mark.slow
+def test_epoch_interval_warning_only_for_schedulers_lightning_steps_per_epoch(lockstep, checkpoint_runs):
+    """Lightning steps a scheduler returned without a config dict once per epoch; a collaboration has no shared
+    epoch, so the strategy says once, at setup, that it steps it per collaborative step, and what to change."""
+    warning = "has interval='epoch'"
+    log = checkpoint_runs["seed"]["log"]  # --scheduler epoch
+    assert log.count(warning) == 1 and "'interval': 'step'" in log
+    for result in lockstep.values():  # --scheduler step: interval="step"
+        assert warning not in result["log"]
+
+
+@pytest.mark.slow
 def test_join_hint_is_printed_at_start(lockstep):
     log = lockstep["p0"]["log"]
     assert "[collaborative] run 'lockstep'" in log

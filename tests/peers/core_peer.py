@@ -293,6 +293,7 @@ def main() -> int:
     parser.add_argument("--algorithm", default="", help="'diloco': DiLoCoOptimizer with --optimizer as inner one")
     parser.add_argument("--inner-optimizer", default="", help="the inner optimizer (DiLoCo), e.g. adamw")
     parser.add_argument("--dtype", default="float32", help="parameter dtype (bfloat16: bf16 training)")
+    parser.add_argument("--resume", default="", help="load this checkpoint or swarm backup before training")
     args = parser.parse_args()
 
     settings = CollaborativeSettings.resolve()  # COLLAB_* from the test
@@ -330,6 +331,10 @@ def main() -> int:
     if args.cut_off_seconds:
         serve_own_state_for(collab, args.cut_off_seconds)
 
+    resumed_at = None
+    if args.resume:
+        collab.load_state_dict(torch.load(args.resume, weights_only=False))
+        resumed_at = {"step": collab.local_step, "params": [p.detach().clone() for p in model.parameters()]}
     barrier(dht, f"{settings.run_id}_test_start", args.name, args.peers)
     collab.tracker.fetch_now(timeout=5)  # see the peers that met at the barrier before the first step
     if args.join_at_step:
@@ -347,6 +352,7 @@ def main() -> int:
         x = torch.randn(args.batch_size, 8, generator=generator)
         y = torch.randint(0, 4, (args.batch_size,), generator=generator)
         loss = loss_fn(model(x.to(dtype)).float(), y)
+        collab.record_loss(loss)  # shown by collab monitor
         (scaler.scale(loss) if scaler is not None else loss).backward()
         if collab.local_step == args.overflow_at_step:
             next(model.parameters()).grad[0, 0] = float("inf")
@@ -395,6 +401,7 @@ def main() -> int:
         "visible_maddrs": visible_maddrs(dht),
         "state_dict": collab.state_dict(),
         "scale": scaler.get_scale() if scaler is not None else None,
+        "resumed_at": resumed_at,
     }
     torch.save(result, args.out + ".tmp")
     os.replace(args.out + ".tmp", args.out)
