@@ -664,7 +664,7 @@ class Collaboration:
                 continue
             now = get_dht_time()
             decision = self.planner.before_leaving(
-                view.peers, self.local_peer(view), now, mates, self.sync.may_download()
+                view.peers, self.local_peer(view), now, mates, self.sync.may_download(), self.timeouts.round
             )
             if decision.action is Action.LEAVE:
                 return

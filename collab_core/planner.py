@@ -351,7 +351,13 @@ class RoundPlanner:
         return True
 
     def before_leaving(
-        self, records: Sequence[PeerRecord], local: LocalPeer, now: float, mates: Iterable[bytes], may_download: bool
+        self,
+        records: Sequence[PeerRecord],
+        local: LocalPeer,
+        now: float,
+        mates: Iterable[bytes],
+        may_download: bool,
+        silent_for: float = float("inf"),
     ) -> Decision:
         """When this peer leaves: may it go now, or must its last step be settled first?
 
@@ -359,8 +365,10 @@ class RoundPlanner:
         settles it: on the losing side it downloads the kept state (``DOWNLOAD``; ``WAIT`` while its download is
         backed off); on the winning side it stays (``WAIT``) while the losing side downloads from it. It also stays
         while a peer of its last round (``mates``) or one that was expected in a round and did not come (it may
-        still take the same step on its own, and fork) is one step behind; it serves its state meanwhile, so such a
-        peer finds it ahead and downloads. The engine bounds the wait.
+        still take the steps this one took on its own, and fork) is behind; it serves its state meanwhile, so such a
+        peer finds it ahead and downloads. A peer that did not come is waited for only while its record is younger
+        than ``silent_for`` (a round's time: it may still be in a round of its own, e.g. one that formed only on
+        its side); one silent for longer has crashed or stopped. The engine bounds the wait.
 
         Args:
             records: a fresh view.
@@ -368,6 +376,7 @@ class RoundPlanner:
             now: the DHT time.
             mates: the peers of this peer's last round.
             may_download: whether the download back-off allows a download now.
+            silent_for: how long a peer that did not come may have been silent and still be waited for.
         """
         fork = self.fork(records, local, now)
         if fork is not None:
@@ -387,11 +396,11 @@ class RoundPlanner:
             if peer.peer_id != local.peer_id
             and (
                 (peer.peer_id in mates and peer.step < local.step)
-                or (peer.peer_id in self.absent and peer.step == local.step - 1)
+                or (peer.peer_id in self.absent and peer.step < local.step and now - peer.time < silent_for)
             )
         ]
         if behind:
-            return Decision(Action.WAIT, reason=f"{len(behind)} peer(s) may still take step {local.step - 1}")
+            return Decision(Action.WAIT, reason=f"{len(behind)} peer(s) behind step {local.step} may still take it")
         return Decision(Action.LEAVE)
 
     # ------------------------------------------------------------------ what happened

@@ -286,7 +286,7 @@ def test_leaving_after_stepping_alone_it_waits_for_the_peer_that_did_not_come_th
     p.record_step([ME], NOW)
     local, mine = me(8, fp=FP_B)
     decision = p.before_leaving([mine, other_at_7], local, NOW + 1, [], may_download=True)
-    assert decision.action is Action.WAIT and "step 7" in decision.reason
+    assert decision.action is Action.WAIT and "behind step 8" in decision.reason
     # P1 took step 7 alone as well (news: a newer record), with another state: a fork at the last step
     forked = rec(P1, 8, fp=FP_A, time=NOW + 2)
     decision = p.before_leaving([mine, forked], local, NOW + 3, [], may_download=True)
@@ -302,9 +302,26 @@ def test_leaving_after_stepping_alone_it_waits_for_the_peer_that_did_not_come_th
     assert p.before_leaving([mine, settled], local, NOW + 5, [], may_download=True).action is Action.LEAVE
 
 
-def test_leaving_it_does_not_wait_for_idle_peers_behind_nor_for_absent_ones_further_behind():
+def test_leaving_it_does_not_wait_for_idle_peers_behind_nor_for_absent_ones_silent_for_longer_than_a_round():
     p = planner()
     local, mine = me(8)
-    p.absent[P2] = NOW - 30  # missed a round of step 5 and went silent
+    p.absent[P2] = NOW - 30  # missed a round of step 5 and went silent (crashed)
     view = [mine, rec(P1, 7, 0), rec(P2, 5, 10, time=NOW - 30)]
-    assert p.before_leaving(view, local, NOW, [], may_download=True).action is Action.LEAVE
+    assert p.before_leaving(view, local, NOW, [], may_download=True, silent_for=13).action is Action.LEAVE
+
+
+def test_leaving_after_racing_ahead_alone_it_waits_for_the_peer_stuck_in_its_own_round():
+    """make demo under load: the round of step 32 formed on P1's side only (hivemind), so this peer found no group,
+    then stepped alone to the last step (40) within a second while P1 sat in its all-reduce. Leaving at once would
+    let P1 take steps 32-40 alone from its own state, with nobody left to heal the fork: it must wait, serving, until
+    P1 finds it ahead and downloads."""
+    p = planner()
+    local, mine = me(32, 296)
+    p1_at_32 = rec(P1, 32, 296, time=NOW - 2)
+    p.record_no_group([mine, p1_at_32], local)
+    local, mine = me(40)
+    assert p.before_leaving([mine, p1_at_32], local, NOW, [], may_download=True, silent_for=13).action is Action.WAIT
+    caught_up = rec(P1, 40, time=NOW + 3)
+    assert p.before_leaving([mine, caught_up], local, NOW + 3, [], may_download=True, silent_for=13).action is (
+        Action.LEAVE
+    )
