@@ -8,6 +8,7 @@ STEPS ?= 40
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 SOAK_SECONDS ?= 180
+ALGORITHM ?= gradient
 
 VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -44,10 +45,10 @@ test: $(STAMP) ## Run the test suite (extra pytest flags: PYTEST_ARGS="...")
 soak: $(STAMP) ## Churn soak: 4 peers joining/leaving/crashing for SOAK_SECONDS (default 180) s, with a report
 	RELIABILITY_SOAK_SECONDS=$(SOAK_SECONDS) $(VENV_PY) -m pytest -q -s tests/reliability/test_churn.py $(PYTEST_ARGS)
 
-demo: $(DEMO_STAMP) ## Run a real collaborative training of PEERS peers for STEPS steps on this machine
-	$(VENV_PY) -m examples.demo --peers $(PEERS) --steps $(STEPS) --output-dir demo_out
+demo: $(DEMO_STAMP) ## Run a real collaborative training of PEERS peers for STEPS steps (ALGORITHM=diloco: DiLoCo)
+	$(VENV_PY) -m examples.demo --peers $(PEERS) --steps $(STEPS) --algorithm $(ALGORITHM) --output-dir demo_out
 
-bench: $(STAMP) ## Benchmarks W1-W5 vs raw hivemind: table, bench/results/<date>.json + W1 plot (BENCH_ARGS="--workload W1")
+bench: $(STAMP) ## Benchmarks W1-W5 vs raw hivemind, W7 DiLoCo vs gradient: table, bench/results/<date>.json + W1 plot (BENCH_ARGS="--workload W1")
 	$(VENV_PY) -m bench $(BENCH_ARGS)
 
 lint: $(STAMP) ## ruff check + ruff format --check + mypy on the public packages

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-_FIELDS = ("failed", "updated", "changed", "step", "num_peers", "scale")
+_FIELDS = ("failed", "updated", "changed", "step", "num_peers", "scale", "params_changed")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class StepOutcome:
         num_peers: peers in the collaboration (last view).
         scale: the gradient scaler's scale after the call (0.0 without a scaler).
         failed: the main process raised; the other processes raise too instead of waiting forever.
+        params_changed: the parameters changed without a change of the collaborative step (DiLoCo's inner step):
+            the other processes receive them too.
     """
 
     updated: bool
@@ -37,6 +39,7 @@ class StepOutcome:
     num_peers: int
     scale: float = 0.0
     failed: bool = False
+    params_changed: bool = False
 
 
 class LocalGroup:
@@ -84,6 +87,7 @@ class LocalGroup:
             num_peers=int(received["num_peers"]),
             scale=received["scale"],
             failed=bool(received["failed"]),
+            params_changed=bool(received["params_changed"]),
         )
 
     def share_tensors(self, tensors: Sequence[torch.Tensor]) -> None:

@@ -185,12 +185,13 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
             step=collaborative.local_step,
             num_peers=collaborative.collaboration_state.num_peers,
             scale=scale,
+            params_changed=report.parameters_changed,  # DiLoCo: an inner step at every sync step
         )
 
     def _follow(self, outcome: StepOutcome) -> None:
         """Bring every local process to the main process's state after a sync step."""
         main = self.collaborative_optimizer is not None
-        if outcome.changed and self._group.distributed:
+        if (outcome.changed or outcome.params_changed) and self._group.distributed:
             self._group.share_tensors(self._params)
             lr_state = self._group.share_object(self._lr_state() if main else None)
             if not main:

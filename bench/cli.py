@@ -1,4 +1,4 @@
-"""``python -m bench``: run workloads W1-W5, print the table, write ``bench/results/<date>.json`` and the W1 plot.
+"""``python -m bench``: run workloads W1-W5 and W7, print the table, write ``bench/results/<date>.json``, W1 plot.
 
 Examples::
 
@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--w3-measure", type=int, default=10, help="W3's measured steps (each takes seconds)")
     parser.add_argument("--w4-peers", type=_ints, default=(1, 2, 3, 4))
     parser.add_argument("--w5-rounds", type=int, default=3, help="W5: runs of each side, taken in turn, pooled")
+    parser.add_argument("--w7-inner-steps", type=_ints, default=(8, 32, 128), help="W7: DiLoCo's inner steps H")
+    parser.add_argument("--w7-lm-inner-steps", type=int, default=256, help="W7: inner steps per peer, char-LM runs")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per measurement (W3: 3x) before it fails")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go")
     parser.add_argument("--workdir", type=Path, default=None, help="peer logs and records (default: a temp dir)")
@@ -64,6 +66,8 @@ def run(args: argparse.Namespace, initial_peers: list[str], workdir: Path) -> tu
         w3_measure=args.w3_measure,
         w4_peers=args.w4_peers,
         w5_rounds=args.w5_rounds,
+        w7_inner_steps=args.w7_inner_steps,
+        w7_lm_inner_steps=args.w7_lm_inner_steps,
         timeout=args.timeout,
     )
     results: dict[str, Result] = {}

@@ -1,4 +1,4 @@
-"""The workloads W1-W5 of issue 5: how each is run (peers, sides, settings) and what is reported.
+"""The workloads W1-W5 of issue 5 and W7 of issue 12 (:mod:`bench.w7`): how each is run and what is reported.
 
 Each ``run_wN`` returns :class:`Row` objects (one per table line) and a dict of raw figures for the JSON file.
 Figures are medians over the measured collaborative steps (after ``warmup`` steps), with min/max.
@@ -42,6 +42,8 @@ class Config:
     w3_measure: int = 10
     w4_peers: tuple[int, ...] = (1, 2, 3, 4)
     w5_rounds: int = 3
+    w7_inner_steps: tuple[int, ...] = (8, 32, 128)
+    w7_lm_inner_steps: int = 256
     timeout: float = 300.0
 
 
@@ -421,10 +423,18 @@ def run_w5(config: Config) -> Result:
     return result
 
 
+def run_w7(config: Config) -> Result:
+    """W7, DiLoCo against gradient mode (:mod:`bench.w7`)."""
+    from bench import w7
+
+    return w7.run_w7(config)
+
+
 WORKLOADS: dict[str, Callable[[Config], Result]] = {
     "W1": run_w1,
     "W2": run_w2,
     "W3": run_w3,
     "W4": run_w4,
     "W5": run_w5,
+    "W7": run_w7,
 }

@@ -9,6 +9,7 @@ collaborative optimizers) through :func:`collab_core.hivemind_patches.apply`.
 
 from collab_core import hivemind_patches
 from collab_core.dht import join_hint, start_dht
+from collab_core.diloco import DiLoCoOptimizer
 from collab_core.optimizer import (
     DEFAULT_AVERAGING_TIMEOUT,
     CollaborationState,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CollaborativeOptimizer",
     "CollaborativeAdaptiveOptimizer",
+    "DiLoCoOptimizer",
     "CollaborationState",
     "CollaborativeSettings",
     "CollaborativeConfigError",

@@ -21,6 +21,8 @@ class GradientAccumulator:
             Micro-batches are then weighted equally, which is exact when they all have the same size.
         accumulate_grads_on: device for the separate accumulators (e.g. ``cpu`` to save accelerator memory);
             default: the parameters' device. Not allowed together with ``reuse_grad_buffers``.
+        keep_gradients: False for a scheme that consumes every micro-batch's gradients itself (DiLoCo's inner
+            steps): then only the samples are counted, no accumulator is allocated and ``param.grad`` is left alone.
     """
 
     def __init__(
@@ -29,13 +31,15 @@ class GradientAccumulator:
         *,
         reuse_grad_buffers: bool,
         accumulate_grads_on: torch.device | None,
+        keep_gradients: bool = True,
     ):
         self.parameters = tuple(parameters)
         self.reuse_grad_buffers = reuse_grad_buffers
+        self.keep_gradients = keep_gradients
         self.samples = 0
         self.micro_batches = 0
         self._accumulators: tuple[torch.Tensor, ...] = ()
-        if not reuse_grad_buffers:
+        if keep_gradients and not reuse_grad_buffers:
             self._accumulators = tuple(torch.zeros_like(p, device=accumulate_grads_on) for p in self.parameters)
         self._grad_buffers: tuple[torch.Tensor | None, ...] = ()
 
@@ -47,7 +51,9 @@ class GradientAccumulator:
             RuntimeError: with ``reuse_grad_buffers``, if the gradient buffers were wiped since the last call
                 (``zero_grad`` between micro-batches would drop samples that are already counted).
         """
-        if self.reuse_grad_buffers:
+        if not self.keep_gradients:
+            pass  # the scheme consumed the gradients (e.g. an inner optimizer step): count the samples only
+        elif self.reuse_grad_buffers:
             self._check_grad_buffers_kept()
             self._grad_buffers = tuple(p.grad for p in self.parameters)
         else:

@@ -145,6 +145,7 @@ class StepReport:
         step_after: the collaborative step after it.
         round: the round's outcome, if a round ran.
         reason: why a download or a wait happened, for logs.
+        local_update: the scheme took a local optimizer step with this call's micro-batch (DiLoCo's inner step).
     """
 
     outcome: StepOutcome
@@ -152,11 +153,18 @@ class StepReport:
     step_after: int
     round: RoundOutcome | None = None
     reason: str = ""
+    local_update: bool = False
 
     @property
     def stepped(self) -> bool:
         """Whether the collaborative step changed (an update, a skipped update, or a download)."""
         return self.step_after != self.step_before or self.outcome is StepOutcome.DOWNLOADED
+
+    @property
+    def parameters_changed(self) -> bool:
+        """Whether the call may have changed the parameters: a collaborative step, a download, or a local (inner)
+        step of the scheme (DiLoCo takes one at every call)."""
+        return self.stepped or self.local_update
 
 
 class Collaboration:
@@ -208,7 +216,7 @@ class Collaboration:
         self.client_mode = client_mode
         self.status_loglevel = logging.INFO if verbose else logging.DEBUG
         self.local_step = 0
-        self.fingerprint = tensors_fingerprint(local.params)
+        self.fingerprint = scheme.initial_fingerprint()
         #: what this peer is doing, for progress displays: "accumulating", "averaging", "downloading", "leaving",
         #: "stopped"
         self.activity = "accumulating"
@@ -223,6 +231,7 @@ class Collaboration:
         self._shutdown_done = False
         self._last_step_call: float | None = None
         self._seconds_per_call = 0.0  # moving average of the time between step() calls (this peer's micro-batch)
+        self._stepped_locally = False  # the scheme took a local (inner) step in the current try_step
 
         self.averager = CollaborativeAverager(
             scheme.make_buffers(),
@@ -335,7 +344,8 @@ class Collaboration:
             loaded = self._download(decision, require_newer=True)
             return self._report(StepOutcome.DOWNLOADED if loaded else StepOutcome.ACCUMULATED, step_before, decision)
 
-        self.local.add(batch_size)
+        self.scheme.add_micro_batch(batch_size)
+        self._stepped_locally = self.scheme.steps_locally  # DiLoCo's inner step changed the parameters
         self.metrics.count(batch_size)
         local = self.local_peer(background)
         # by the last view, may the target be reached before this peer finishes its next micro-batch? (with a margin
@@ -364,7 +374,15 @@ class Collaboration:
     def _report(
         self, outcome: StepOutcome, step_before: int, decision: Decision | None = None, **kw: Any
     ) -> StepReport:
-        report = StepReport(outcome, step_before, self.local_step, reason=decision.reason if decision else "", **kw)
+        local_update, self._stepped_locally = self._stepped_locally, False
+        report = StepReport(
+            outcome,
+            step_before,
+            self.local_step,
+            reason=decision.reason if decision else "",
+            local_update=local_update,
+            **kw,
+        )
         self.last_report = report
         self.metrics.at_step(self.local_step)
         now = time.monotonic()
@@ -558,12 +576,16 @@ class Collaboration:
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint: optimizer and scheduler state dicts, the collaborative step and the fingerprint."""
         with self._state_lock:
-            return {
+            state = {
                 "optimizer": self.local.opt.state_dict(),
                 "scheduler": self.local.scheduler.state_dict() if self.local.scheduler is not None else None,
                 "local_step": self.local_step,
                 "fingerprint": self.fingerprint,
             }
+            scheme_state = self.scheme.state_dict()
+            if scheme_state:
+                state["scheme"] = scheme_state
+            return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a checkpoint made by :meth:`state_dict` (a plain optimizer state dict is accepted as well; it
@@ -590,6 +612,7 @@ class Collaboration:
             opt.load_state_dict(state_dict["optimizer"])
             if scheduler is not None and state_dict.get("scheduler") is not None:
                 scheduler.load_state_dict(state_dict["scheduler"])
+            self.scheme.load_state_dict(state_dict.get("scheme"))
             step = int(state_dict["local_step"])
             fingerprint = state_dict.get("fingerprint") or tensors_fingerprint(self.local.params, step=step)
             self._move_to(step, fingerprint)

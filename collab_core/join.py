@@ -15,6 +15,7 @@ import hivemind
 import torch
 
 from collab_core.dht import start_dht
+from collab_core.diloco import DiLoCoOptimizer
 from collab_core.optimizer import CollaborativeAdaptiveOptimizer, CollaborativeOptimizer
 from collab_core.settings import CollaborativeSettings
 
@@ -56,13 +57,20 @@ def make_collaborative_optimizer(
         **overrides: optimizer arguments that replace those from ``settings`` (e.g. ``batch_size_per_step``).
 
     Returns:
-        A :class:`~collab_core.CollaborativeOptimizer` (``gradient``) or
-        :class:`~collab_core.CollaborativeAdaptiveOptimizer` (``adaptive``).
+        A :class:`~collab_core.CollaborativeOptimizer` (``gradient``),
+        :class:`~collab_core.CollaborativeAdaptiveOptimizer` (``adaptive``) or :class:`~collab_core.DiLoCoOptimizer`
+        (``diloco``, with ``optimizer`` as its inner optimizer).
+
+    Raises:
+        ValueError: with ``diloco`` and an enabled fp16 ``grad_scaler`` (train the inner steps in bf16 instead).
     """
     kwargs = dict(settings.optimizer_kwargs(), dht=dht, scheduler=scheduler, **overrides)
     if grad_scaler is not None and grad_scaler.is_enabled():
         kwargs["grad_scaler"] = grad_scaler
-    if resolve_algorithm(settings) == "adaptive":
+    algorithm = resolve_algorithm(settings)
+    if algorithm == "diloco":
+        return DiLoCoOptimizer(optimizer, **settings.outer_kwargs(), **kwargs)
+    if algorithm == "adaptive":
         statistics = settings.average_opt_statistics
         return CollaborativeAdaptiveOptimizer(optimizer, average_opt_statistics=statistics, **kwargs)
     return CollaborativeOptimizer(optimizer, **kwargs)

@@ -33,6 +33,9 @@ class LocalUpdate:
         accumulate_grads_on: device of the separate accumulators.
         grad_scaler: the fp16 ``torch.amp.GradScaler``, or None.
         prefix: the run's name, for log lines.
+        keep_gradients: accumulate gradients between collaborative steps (False: count samples only, for schemes
+            that consume each micro-batch's gradients themselves, see
+            :class:`~collab_core.accumulator.GradientAccumulator`).
     """
 
     def __init__(
@@ -44,11 +47,15 @@ class LocalUpdate:
         accumulate_grads_on: torch.device | None,
         grad_scaler: Any | None,
         prefix: str,
+        keep_gradients: bool = True,
     ):
         self.opt, self.scheduler, self.prefix = opt, scheduler, prefix
         self.params = [param for group in opt.param_groups for param in group["params"]]
         self.accumulator = GradientAccumulator(
-            self.params, reuse_grad_buffers=reuse_grad_buffers, accumulate_grads_on=accumulate_grads_on
+            self.params,
+            reuse_grad_buffers=reuse_grad_buffers,
+            accumulate_grads_on=accumulate_grads_on,
+            keep_gradients=keep_gradients,
         )
         self.loss_scale = LossScaleKeeper(grad_scaler) if grad_scaler is not None else None
         self.overflow_steps = 0  # collaborative steps skipped because some peer's fp16 gradients had inf/NaN

@@ -1,7 +1,8 @@
 """The reference optimizer API (``CollaborativeOptimizer``, ``CollaborativeAdaptiveOptimizer``): thin façades.
 
 Each validates its arguments, builds this peer's :class:`~collab_core.local_update.LocalUpdate` and an averaging
-scheme (:class:`~collab_core.schemes.GradientAveraging` or :class:`~collab_core.schemes.ParameterAveraging`), and
+scheme (:class:`~collab_core.schemes.GradientAveraging` or :class:`~collab_core.schemes.ParameterAveraging`; the
+DiLoCo façade in :mod:`collab_core.diloco` adds :class:`~collab_core.diloco.DiLoCoAveraging`), and
 hands both to one :class:`~collab_core.collaboration.Collaboration`, the engine that runs every scheme (how a step
 works, failures, forks and threads are described there). What stays here is the ``torch.optim.Optimizer`` surface.
 """
@@ -12,7 +13,7 @@ import inspect
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -110,6 +111,9 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         TypeError: for unknown keyword arguments.
     """
 
+    #: whether gradients are accumulated between collaborative steps (DiLoCo consumes them in every step() call)
+    _keeps_gradients: ClassVar[bool] = True
+
     def __init__(
         self,
         opt: torch.optim.Optimizer,
@@ -200,6 +204,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
             accumulate_grads_on=accumulate_grads_on,
             grad_scaler=grad_scaler,
             prefix=prefix,
+            keep_gradients=self._keeps_gradients,
         )
         #: the engine this façade drives (see :class:`collab_core.collaboration.Collaboration`)
         self.collaboration = Collaboration(

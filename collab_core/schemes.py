@@ -8,8 +8,11 @@ buffers, average them in one round, then apply or discard. A scheme supplies the
 * :meth:`AveragingScheme.apply`: use the averaged values after a round that completed;
 * :meth:`AveragingScheme.discard`: undo whatever :meth:`write` changed locally after a round that did not;
 
-plus :meth:`AveragingScheme.step_alone` (nobody else is at this step) and the state a joining peer downloads
-(:meth:`capture` / :meth:`restore`). The engine calls all of them from the training thread with the state lock held.
+plus :meth:`AveragingScheme.step_alone` (nobody else is at this step), the state a joining peer downloads
+(:meth:`capture` / :meth:`restore`), what one ``step()`` call does with its micro-batch
+(:meth:`add_micro_batch`: accumulate it, or, in DiLoCo, take an inner optimizer step), the state's initial
+fingerprint and the scheme's own part of a checkpoint (:meth:`state_dict` / :meth:`load_state_dict`). The engine calls
+all of them from the training thread, with the state lock held except for :meth:`add_micro_batch`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import torch
 
+from collab_core.fingerprint import tensors_fingerprint
 from collab_core.local_update import LocalUpdate
 from collab_core.state import capture_state, restore_state
 
@@ -31,8 +35,26 @@ class AveragingScheme(ABC):
         local: this peer's accumulated gradients, optimizer and scheduler.
     """
 
+    #: whether :meth:`add_micro_batch` changes the parameters (an inner step): then every ``step()`` call does
+    steps_locally = False
+
     def __init__(self, local: LocalUpdate):
         self.local = local
+
+    def add_micro_batch(self, batch_size: int) -> None:
+        """One ``step()`` call's micro-batch (its gradients in ``param.grad``): accumulate it toward the next round."""
+        self.local.add(batch_size)
+
+    def initial_fingerprint(self) -> str:
+        """The fingerprint of this peer's state before any collaborative step (from the parameters' bytes)."""
+        return tensors_fingerprint(self.local.params)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheme's own state for a checkpoint, beyond the optimizer's and scheduler's (none by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:  # noqa: B027 - optional, like discard()
+        """Restore what :meth:`state_dict` returned (None: the checkpoint has none, e.g. a plain optimizer's)."""
 
     @abstractmethod
     def make_buffers(self) -> list[torch.Tensor]:
@@ -59,6 +81,12 @@ class AveragingScheme(ABC):
 
     def restore(self, metadata: dict[str, Any], tensors: Sequence[torch.Tensor]) -> int:
         """Load a state made by :meth:`capture` on another peer; returns its step."""
+        theirs = metadata.get("algorithm") if isinstance(metadata, dict) else None
+        if theirs is not None:
+            raise ValueError(
+                f"the serving peer runs algorithm {theirs!r}, this peer {type(self).__name__}: all peers of a run "
+                "must use the same algorithm (set the same algorithm / COLLAB_ALGORITHM on every peer)"
+            )
         return restore_state(self.local.opt, self.local.scheduler, metadata, tensors)
 
 

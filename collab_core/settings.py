@@ -39,6 +39,8 @@ ALGORITHMS: dict[str, str] = {
     "gradient": "average gradients, then every peer takes the same optimizer step (CollaborativeOptimizer)",
     "adaptive": "each peer steps, then parameters and average_opt_statistics are averaged "
     "(CollaborativeAdaptiveOptimizer)",
+    "diloco": "every step() is a local inner step; once per target_batch_size the peers average the pseudo-gradient "
+    "and take an outer Nesterov SGD step (DiLoCoOptimizer)",
 }
 
 # Compression names accepted by the ``compression`` setting, mapped to class names in ``hivemind.compression``.
@@ -173,8 +175,9 @@ class CollaborativeSettings:
     algorithm: str = field(
         default="gradient",
         metadata={
-            "help": "Averaging scheme: 'gradient' (average gradients, every peer takes the same step) or "
-            "'adaptive' (each peer steps, then parameters and average_opt_statistics are averaged)."
+            "help": "Averaging scheme: 'gradient' (average gradients, every peer takes the same step), "
+            "'adaptive' (each peer steps, then parameters and average_opt_statistics are averaged) or 'diloco' "
+            "(local inner steps, an outer step on the averaged pseudo-gradient once per target_batch_size samples)."
         },
     )
     average_opt_statistics: list[str] = field(
@@ -182,6 +185,20 @@ class CollaborativeSettings:
         metadata={
             "help": "With algorithm 'adaptive': names of optimizer state entries to average along with the "
             "parameters, e.g. exp_avg_sq."
+        },
+    )
+    outer_lr: float = field(
+        default=0.7,
+        metadata={"help": "With algorithm 'diloco': learning rate of the outer SGD over the global parameters."},
+    )
+    outer_momentum: float = field(
+        default=0.9,
+        metadata={"help": "With algorithm 'diloco': momentum of the outer SGD, in [0, 1)."},
+    )
+    outer_nesterov: bool = field(
+        default=True,
+        metadata={
+            "help": "With algorithm 'diloco': use Nesterov momentum in the outer SGD (needs outer_momentum > 0)."
         },
     )
     compression: str = field(
@@ -241,6 +258,7 @@ class CollaborativeSettings:
                 f"{_suggestion(self.algorithm, list(ALGORITHMS))}",
                 setting="algorithm",
             )
+        self._validate_diloco()
         if self.compression not in COMPRESSION_CLASSES:
             raise CollaborativeConfigError(
                 f"compression: unknown compression {self.compression!r}; choose one of: "
@@ -263,6 +281,43 @@ class CollaborativeSettings:
                 "explicit initial peers; drop one of the two settings.",
                 setting="use_ipfs",
             )
+
+    def _validate_diloco(self) -> None:
+        _require_positive("outer_lr", self.outer_lr, "DiLoCo uses 0.7")
+        if not 0 <= self.outer_momentum < 1:
+            raise CollaborativeConfigError(
+                f"outer_momentum must be in [0, 1), got {self.outer_momentum!r}; set e.g. 0.9 (DiLoCo's value).",
+                setting="outer_momentum",
+            )
+        if self.outer_nesterov and self.outer_momentum == 0:
+            raise CollaborativeConfigError(
+                "outer_nesterov=True needs outer_momentum > 0; set outer_momentum (e.g. 0.9) or outer_nesterov=false.",
+                setting="outer_nesterov",
+            )
+        if self.algorithm != "diloco":
+            return
+        if self.reuse_grad_buffers:
+            raise CollaborativeConfigError(
+                "reuse_grad_buffers=True does not apply to algorithm 'diloco' (every step() takes an inner optimizer "
+                "step, nothing is accumulated); set reuse_grad_buffers=false.",
+                setting="reuse_grad_buffers",
+            )
+        if self.accumulate_grads_on is not None:
+            raise CollaborativeConfigError(
+                "accumulate_grads_on does not apply to algorithm 'diloco' (every step() takes an inner optimizer "
+                "step, nothing is accumulated); leave accumulate_grads_on unset.",
+                setting="accumulate_grads_on",
+            )
+        if self.average_opt_statistics:
+            raise CollaborativeConfigError(
+                "average_opt_statistics is for algorithm 'adaptive'; with algorithm 'diloco' the inner optimizer's "
+                "state stays on each peer. Remove average_opt_statistics.",
+                setting="average_opt_statistics",
+            )
+
+    def outer_kwargs(self) -> dict[str, Any]:
+        """The outer optimizer's arguments of :class:`collab_core.DiLoCoOptimizer` (``algorithm: diloco``)."""
+        return {"outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum, "nesterov": self.outer_nesterov}
 
     def _validate_device(self) -> None:
         import torch
@@ -403,7 +458,8 @@ class CollaborativeSettings:
         """Keyword arguments for ``CollaborativeOptimizer(opt, dht=..., **kwargs)``.
 
         ``algorithm`` and ``average_opt_statistics`` are not included: they choose the optimizer class (see
-        :func:`collab_core.join.make_collaborative_optimizer`).
+        :func:`collab_core.join.make_collaborative_optimizer`); nor are the ``outer_*`` settings
+        (:meth:`outer_kwargs`, for ``algorithm: diloco``).
         """
         import torch
 

@@ -247,6 +247,7 @@ class Demo:
             "COLLAB_MATCHMAKING_TIME": "3",
             "COLLAB_AVERAGING_TIMEOUT": "10",
             "COLLAB_VERBOSE": "1",
+            "COLLAB_ALGORITHM": self.args.algorithm,  # gradient (default) or diloco: nothing else changes
         }
         peer.process = start_process(command, peer.log, env)
         self.event(f"{peer.name} started (batch size {peer.batch_size}, shard {peer.shard})")
@@ -335,7 +336,10 @@ class Demo:
 
         from collab_core.reporting import format_eta  # the rule of every integration: an unknown ETA says so
 
-        table = Table(title=f"collaborative training — run {self.args.run_id!r}, target {self.args.target_batch_size}")
+        table = Table(
+            title=f"collaborative training ({self.args.algorithm}) — run {self.args.run_id!r}, "
+            f"target {self.args.target_batch_size}"
+        )
         for column in ("peer", "role", "state", "samples/s", "step", "peers", "toward target", "ETA", "loss", "acc"):
             table.add_column(column, justify="right" if column not in ("peer", "role", "state") else "left")
         for peer in self.peers:
@@ -523,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-batch-size", type=int, default=256, help="samples per step, all peers together")
     parser.add_argument("--output-dir", default="demo_out", help="where the results go (default demo_out/)")
     parser.add_argument("--run-id", default="demo", help="the run's name in the DHT")
+    parser.add_argument(
+        "--algorithm", default="gradient", choices=["gradient", "adaptive", "diloco"],
+        help="the collaboration's algorithm (COLLAB_ALGORITHM of every peer; default gradient)",
+    )  # fmt: skip
     parser.add_argument("--timeout", type=float, default=600, help="stop everything after this many seconds")
     parser.add_argument("--monitor-port", type=int, default=8765, help="port of the dashboard (default 8765)")
     parser.add_argument("--no-monitor", dest="monitor", action="store_false", help="do not start collab monitor")

@@ -126,6 +126,9 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         accumulate_grads_on: str | None = None,
         algorithm: str | None = None,
         average_opt_statistics: list[str] | None = None,
+        outer_lr: float | None = None,
+        outer_momentum: float | None = None,
+        outer_nesterov: bool | None = None,
         compression: str | None = None,
         verbose: bool | None = None,
         device: str | None = None,
@@ -154,11 +157,16 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
             reuse_grad_buffers: Accumulate gradients in ``param.grad`` to save memory (default False); the strategy
                 keeps Lightning from zeroing them mid-accumulation.
             accumulate_grads_on: Device that holds the accumulated gradients, e.g. "cpu" (default: the model's).
-            algorithm: Averaging scheme: "gradient" (average gradients, every peer takes the same step) or
-                "adaptive" (each peer steps, then parameters and ``average_opt_statistics`` are averaged)
-                (default "gradient").
+            algorithm: Averaging scheme: "gradient" (average gradients, every peer takes the same step),
+                "adaptive" (each peer steps, then parameters and ``average_opt_statistics`` are averaged) or
+                "diloco" (every optimizer step is a local inner step of the model's optimizer; once per
+                ``target_batch_size`` samples the peers average the pseudo-gradient and take an outer Nesterov SGD
+                step) (default "gradient").
             average_opt_statistics: With ``algorithm="adaptive"``: optimizer state entries to average with the
                 parameters, e.g. ``exp_avg_sq`` (default: none).
+            outer_lr: With ``algorithm="diloco"``: learning rate of the outer SGD (default 0.7).
+            outer_momentum: With ``algorithm="diloco"``: momentum of the outer SGD, in [0, 1) (default 0.9).
+            outer_nesterov: With ``algorithm="diloco"``: Nesterov momentum in the outer SGD (default True).
             compression: Compression of the averaged tensors: none, float16, scaled-float16, uniform8bit,
                 quantile8bit (default none).
             verbose: Log collaboration progress at INFO level (default False).
@@ -189,6 +197,9 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
             accumulate_grads_on=accumulate_grads_on,
             algorithm=algorithm,
             average_opt_statistics=average_opt_statistics,
+            outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
+            outer_nesterov=outer_nesterov,
             compression=compression,
             verbose=verbose,
         )

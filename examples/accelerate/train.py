@@ -10,6 +10,9 @@ Second peer (another terminal or machine; any number of local processes)::
 
     COLLAB_INITIAL_PEERS="/ip4/.../tcp/.../p2p/12D3KooW..." accelerate launch --mixed_precision bf16 \\
         examples/accelerate/train.py --collab-config examples/accelerate/collab.yaml
+
+DiLoCo mode (local inner steps, one outer step per ``target_batch_size`` samples): ``--collab-config
+examples/accelerate/collab_diloco.yaml`` (one setting differs).
 """
 
 from __future__ import annotations
@@ -124,6 +127,7 @@ def main() -> None:
             accuracy.update(predictions, targets)
     result = {
         "collaborative_step": optimizer.collaborative_step,
+        "algorithm": collab.algorithm,
         "num_peers": optimizer.num_peers,
         "test_accuracy": accuracy.compute().item(),
     }

@@ -4,6 +4,8 @@ First peer (starts the run and prints the join hint)::
 
     python examples/lightning/train.py fit --config examples/lightning/config.yaml
 
+(``--config examples/lightning/config_diloco.yaml`` trains in DiLoCo mode: one setting differs.)
+
 Second peer, on this or another machine, with the two variables from the first peer's hint::
 
     COLLAB_RUN_ID=digits COLLAB_INITIAL_PEERS="/ip4/.../p2p/..." \\
@@ -210,6 +212,7 @@ class CollaborativeCLI(LightningCLI):
         torch.save(self.model.state_dict(), path / "model.pt")
         summary = {
             "collaborative_step": getattr(strategy, "collaborative_step", None),
+            "algorithm": strategy.settings.algorithm if hasattr(strategy, "settings") else None,
             "val_accuracy": metrics["val_accuracy"],
             "optimizer_calls": self.trainer.global_step,
         }

@@ -20,7 +20,13 @@ import time
 import torch
 from hivemind.averaging.allreduce import AllreduceException
 
-from collab_core import CollaborativeAdaptiveOptimizer, CollaborativeOptimizer, CollaborativeSettings, start_dht
+from collab_core import (
+    CollaborativeAdaptiveOptimizer,
+    CollaborativeOptimizer,
+    CollaborativeSettings,
+    DiLoCoOptimizer,
+    start_dht,
+)
 from collab_core.averager import CollaborativeAverager
 from collab_core.planner import Action, Decision
 from collab_core.sync import ServedState
@@ -30,9 +36,9 @@ BARRIER_TIMEOUT = 60.0
 FAILED_ROUND_LOG = "round hook: failing the all-reduce of step"
 
 
-def make_model(seed: int) -> torch.nn.Module:
+def make_model(seed: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(dtype)
 
 
 def make_optimizer(name: str, params) -> torch.optim.Optimizer:
@@ -40,6 +46,8 @@ def make_optimizer(name: str, params) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=0.1, momentum=0.9)
     if name == "adam":
         return torch.optim.Adam(params, lr=0.01)
+    if name == "adamw":  # DiLoCo's inner optimizer
+        return torch.optim.AdamW(params, lr=0.01, weight_decay=0.01)
     raise ValueError(name)
 
 
@@ -240,7 +248,19 @@ def snapshot(opt: CollaborativeOptimizer) -> dict:
         for key, value in opt.state.get(param, {}).items():
             if isinstance(value, torch.Tensor):
                 state[f"{index}.{key}"] = value.detach().clone()
-    return {"params": params, "state": state}
+    result = {"params": params, "state": state, "lr": opt.param_groups[0]["lr"]}
+    if isinstance(opt, DiLoCoOptimizer):  # the shared state: θ_global and the outer momentum (inner state is local)
+        outer = opt.outer_optimizer
+        result["global_params"] = [p.detach().clone() for p in opt.global_parameters]
+        result["outer_state"] = {
+            f"{index}.momentum_buffer": outer.state[p]["momentum_buffer"].clone()
+            for index, p in enumerate(opt.global_parameters)
+            if "momentum_buffer" in outer.state.get(p, {})
+        }
+        result["inner_steps"] = [
+            int(opt.state[p]["step"]) if "step" in opt.state.get(p, {}) else 0 for p in opt.param_groups[0]["params"]
+        ]
+    return result
 
 
 def main() -> int:
@@ -270,13 +290,17 @@ def main() -> int:
     parser.add_argument("--grad-scale", type=float, default=0.0, help="fp16-style loss scaling with this scale")
     parser.add_argument("--overflow-at-step", type=int, default=-1, help="make this peer's gradient inf there")
     parser.add_argument("--compute-seconds", type=float, default=0.03, help="simulated compute per micro-batch")
+    parser.add_argument("--algorithm", default="", help="'diloco': DiLoCoOptimizer with --optimizer as inner one")
+    parser.add_argument("--inner-optimizer", default="", help="the inner optimizer (DiLoCo), e.g. adamw")
+    parser.add_argument("--dtype", default="float32", help="parameter dtype (bfloat16: bf16 training)")
     parser.add_argument("--resume", default="", help="load this checkpoint or swarm backup before training")
     args = parser.parse_args()
 
     settings = CollaborativeSettings.resolve()  # COLLAB_* from the test
     dht, _hint = start_dht(settings, print_hint=False)
-    model = make_model(args.model_seed)
-    opt = make_optimizer(args.optimizer, model.parameters())
+    dtype = getattr(torch, args.dtype)
+    model = make_model(args.model_seed, dtype)
+    opt = make_optimizer(args.inner_optimizer or args.optimizer, model.parameters())
     scheduler = make_scheduler(opt) if args.scheduler else None
     kwargs = settings.optimizer_kwargs()
     scaler = None
@@ -291,7 +315,9 @@ def main() -> int:
         fail_round_at_start(args.fail_round_start_at_step)
     if args.freeze_at_step >= 0:
         freeze_in_round(args.freeze_at_step, args.freeze_seconds)
-    if args.adaptive:
+    if args.algorithm == "diloco":
+        collab = DiLoCoOptimizer(opt, scheduler=scheduler, dht=dht, **settings.outer_kwargs(), **kwargs)
+    elif args.adaptive:
         collab = CollaborativeAdaptiveOptimizer(
             opt, average_opt_statistics=args.adaptive.split(","), scheduler=scheduler, dht=dht, **kwargs
         )
@@ -318,13 +344,14 @@ def main() -> int:
     generator = torch.Generator().manual_seed(args.data_seed)
     loss_fn = torch.nn.CrossEntropyLoss()
     micro_batches, per_step, lrs_used, changes_at_call, step_times, participants = [], {}, {}, [], {}, {}
+    inner_batches = []  # DiLoCo: the micro-batches the inner optimizer stepped on, labelled with the outer step
     contributions = {}
     started_at = time.monotonic()
     calls = 0
     while collab.local_step < args.steps and calls < args.max_calls:
         x = torch.randn(args.batch_size, 8, generator=generator)
         y = torch.randint(0, 4, (args.batch_size,), generator=generator)
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(model(x.to(dtype)).float(), y)
         collab.record_loss(loss)  # shown by collab monitor
         (scaler.scale(loss) if scaler is not None else loss).backward()
         if collab.local_step == args.overflow_at_step:
@@ -338,6 +365,8 @@ def main() -> int:
         downloaded = collab.collaboration_state.state_downloads != downloads_before
         if not downloaded:  # a micro-batch that triggers a download is discarded
             micro_batches.append((step_before, x, y))
+        if collab.last_step_report is not None and collab.last_step_report.local_update:
+            inner_batches.append((step_before, x, y))
         if any(not torch.equal(a, b) for a, b in zip(params_before, model.parameters(), strict=True)):
             changes_at_call.append(calls)
         if args.solo_at_step >= 0 and step_before == args.solo_at_step and collab.local_step == step_before + 1:
@@ -356,6 +385,7 @@ def main() -> int:
         "name": args.name,
         "local_step": collab.local_step,
         "micro_batches": micro_batches,
+        "inner_batches": inner_batches,
         "per_step": per_step,
         "lrs_used": lrs_used,
         "changes_at_call": changes_at_call,

@@ -81,7 +81,10 @@ def build(namespace: str, args: argparse.Namespace):
             return self.net(batch[0]).argmax(-1)
 
         def configure_optimizers(self):
-            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            if args.inner_optimizer == "adamw":  # DiLoCo's inner optimizer (COLLAB_ALGORITHM=diloco)
+                opt = torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.01)
+            else:
+                opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
             if args.optimizers == 2:
                 return [opt, torch.optim.SGD(self.parameters(), lr=0.1)]
             if args.scheduler == "none":
@@ -169,6 +172,10 @@ def build(namespace: str, args: argparse.Namespace):
                     "lr": collab.param_groups[0]["lr"],
                     "downloaded": downloaded,
                 }
+                if hasattr(collab, "outer_optimizer"):  # DiLoCo: θ_global and the outer momentum
+                    self.per_step[strategy.collaborative_step]["global_params"] = [
+                        p.detach().clone() for p in collab.global_parameters
+                    ]
                 if not downloaded:
                     self.participants[self.step_before] = set(state.last_round_participants)
                     self.contributions[self.step_before] = dict(state.last_round_contributions)
@@ -233,6 +240,7 @@ def main() -> int:
     parser.add_argument("--fail-round-start-at-step", type=int, default=-1, help="its round fails as it starts")
     parser.add_argument("--freeze-at-step", type=int, default=-1, help="SIGSTOP in the round of this step")
     parser.add_argument("--freeze-seconds", type=float, default=0.0)
+    parser.add_argument("--inner-optimizer", default="sgd", choices=["sgd", "adamw"])
     args = parser.parse_args()
 
     import lightning_collab
@@ -349,6 +357,7 @@ def main() -> int:
             if isinstance(value, torch.Tensor)
         },
         "final_lr": inner.param_groups[0]["lr"],
+        "optimizer_class": type(strategy.collaborative_optimizer).__name__,
         "scheduler_last_epoch": scheduler.last_epoch if scheduler is not None else None,
         "collaboration_state": state.__dict__,
         "peer_id": strategy.collaborative_optimizer.tracker.dht.peer_id.to_base58(),

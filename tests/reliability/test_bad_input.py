@@ -80,6 +80,9 @@ WRONG_TYPE = {
     "accumulate_grads_on": ("[cpu]", None),
     "algorithm": ("[gradient]", None),
     "average_opt_statistics": ("5", None),
+    "outer_lr": ("fast", "fast"),
+    "outer_momentum": ("[0.9]", "high"),
+    "outer_nesterov": ("2", "maybe"),
     "compression": ("[none]", None),
     "verbose": ("'loud'", "loud"),
 }
@@ -99,9 +102,19 @@ OUT_OF_RANGE = {
     "step_tolerance": "-1",
     "accumulate_grads_on": "gpu7",
     "algorithm": "gradients",
+    "outer_lr": "0",
+    "outer_momentum": "1.5",
     "compression": "zip",
 }
-NO_RANGE = {"client_mode", "identity_path", "use_ipfs", "reuse_grad_buffers", "average_opt_statistics", "verbose"}
+NO_RANGE = {
+    "client_mode",
+    "identity_path",
+    "use_ipfs",
+    "reuse_grad_buffers",
+    "average_opt_statistics",
+    "outer_nesterov",
+    "verbose",
+}
 FIELDS = [field.name for field in dataclasses.fields(CollaborativeSettings)]
 
 

@@ -45,6 +45,25 @@ BAD_PYTHON_VALUES: list[tuple[dict[str, Any], str, tuple[str, ...]]] = [
     ),
     ({"compression": "float-16"}, "compression", ("Did you mean 'float16'?",)),
     ({"algorithm": "gradients"}, "algorithm", ("algorithm", "'gradients'", "gradient, adaptive", "'gradient'?")),
+    ({"algorithm": "dilcoo"}, "algorithm", ("algorithm", "'dilcoo'", "gradient, adaptive, diloco", "'diloco'?")),
+    ({"outer_lr": 0}, "outer_lr", ("outer_lr", "> 0", "got 0", "DiLoCo uses 0.7")),
+    ({"outer_lr": -0.7}, "outer_lr", ("outer_lr", "> 0")),
+    ({"outer_momentum": 1.0}, "outer_momentum", ("outer_momentum must be in [0, 1)", "e.g. 0.9")),
+    (
+        {"outer_momentum": 0.0, "outer_nesterov": True},
+        "outer_nesterov",
+        ("outer_nesterov=True needs outer_momentum > 0", "outer_nesterov=false"),
+    ),
+    (
+        {"algorithm": "diloco", "reuse_grad_buffers": True},
+        "reuse_grad_buffers",
+        ("reuse_grad_buffers=True does not apply to algorithm 'diloco'", "set reuse_grad_buffers=false"),
+    ),
+    (
+        {"algorithm": "diloco", "average_opt_statistics": ["exp_avg_sq"]},
+        "average_opt_statistics",
+        ("average_opt_statistics is for algorithm 'adaptive'", "Remove average_opt_statistics"),
+    ),
     ({"accumulate_grads_on": "gpu7"}, "accumulate_grads_on", ("accumulate_grads_on", "'gpu7'", "'cpu'")),
     (
         {"initial_peers": ["/ip4/1.2.3/tcp/x"]},

@@ -17,7 +17,7 @@ import pytest
 import torch
 from hivemind.averaging import DecentralizedAverager
 
-from collab_core import DEFAULT_AVERAGING_TIMEOUT, CollaborativeOptimizer, CollaborativeSettings
+from collab_core import DEFAULT_AVERAGING_TIMEOUT, CollaborativeOptimizer, CollaborativeSettings, DiLoCoOptimizer
 
 # settings whose optimizer argument has another name (``optimizer_kwargs()`` does the renaming)
 ARGUMENT_NAMES = {"run_id": "prefix", "batch_size": "batch_size_per_step"}
@@ -30,7 +30,12 @@ NOT_OPTIMIZER_ARGUMENTS = {
     "use_ipfs",
     "algorithm",  # chooses the optimizer class (collab_core.join)
     "average_opt_statistics",
+    "outer_lr",  # DiLoCoOptimizer only (CollaborativeSettings.outer_kwargs; checked below)
+    "outer_momentum",
+    "outer_nesterov",
 }
+# the outer-optimizer settings and DiLoCoOptimizer's argument names
+OUTER_ARGUMENTS = {"outer_lr": "outer_lr", "outer_momentum": "outer_momentum", "outer_nesterov": "nesterov"}
 # optimizer arguments without a default: every caller passes them
 REQUIRED = {"prefix", "target_batch_size"}
 # the optimizer's default is None, meaning this value
@@ -73,6 +78,16 @@ def test_settings_defaults_equal_the_optimizer_keyword_defaults() -> None:
             disagree[name] = (default, theirs)
     assert not disagree, f"settings default vs CollaborativeOptimizer.__init__ default differ: {disagree}"
     assert len(compared) >= 10, compared
+
+
+def test_outer_settings_defaults_equal_the_diloco_optimizer_defaults() -> None:
+    parameters = inspect.signature(DiLoCoOptimizer.__init__).parameters
+    settings = CollaborativeSettings()
+    assert settings.outer_kwargs() == {argument: getattr(settings, name) for name, argument in OUTER_ARGUMENTS.items()}
+    for name, argument in OUTER_ARGUMENTS.items():
+        assert parameters[argument].default == getattr(settings, name), name
+    # the networking arguments are CollaborativeOptimizer's own (DiLoCoOptimizer passes **kwargs through)
+    assert parameters["batch_size_per_step"].default is None and "kwargs" in parameters
 
 
 def test_required_optimizer_arguments_have_no_default() -> None:
