@@ -11,7 +11,8 @@ from tests.support.netns import NetBed, leftovers, unavailable_reason
 
 LISTEN = (
     "import socket,sys\n"
-    "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 7000)); s.listen()\n"
+    "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind(('0.0.0.0', 7000)); s.listen()\n"  # inside the namespace: its own addresses only
     "print('listening', flush=True); s.settimeout(30)\n"
     "while True:\n"
     "    c, _ = s.accept(); c.close()\n"
