@@ -1,9 +1,11 @@
 """Scenario 3: a peer's link is cut for 20 s (``ip link set down``) and restored.
 
 The others keep training after at most one round's timeouts and never split; the cut peer re-synchronises (downloads
-the state) and contributes again, an identical replica from its download on. Needs collab_core's routing-table
-workaround (``hivemind_patches._keep_the_last_peer``): without it the cut peer forgets every DHT peer during the cut
-and trains alone for good.
+the state) and contributes again, an identical replica from its download on.
+
+Which side of a partition wins is decided by step numbers (the side ahead serves its state): the cut peer is made to
+compute slowly, so that alone it falls behind. Made fast, it ran ahead alone and the others downloaded its solo fork
+(README "Over the internet").
 """
 
 from __future__ import annotations
