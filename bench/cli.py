@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--w5-rounds", type=int, default=3, help="W5: runs of each side, taken in turn, pooled")
     parser.add_argument("--w7-inner-steps", type=_ints, default=(8, 32, 128), help="W7: DiLoCo's inner steps H")
     parser.add_argument("--w7-lm-inner-steps", type=int, default=256, help="W7: inner steps per peer, char-LM runs")
+    parser.add_argument("--w7-outer-lr", type=float, default=None, help="W7 char-LM: DiLoCo's outer lr (default 0.7)")
+    parser.add_argument(
+        "--w7-outer-momentum", type=float, default=None, help="W7 char-LM: DiLoCo's outer momentum (default 0.9)"
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per measurement (W3: 3x) before it fails")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go")
     parser.add_argument("--workdir", type=Path, default=None, help="peer logs and records (default: a temp dir)")
@@ -68,6 +72,8 @@ def run(args: argparse.Namespace, initial_peers: list[str], workdir: Path) -> tu
         w5_rounds=args.w5_rounds,
         w7_inner_steps=args.w7_inner_steps,
         w7_lm_inner_steps=args.w7_lm_inner_steps,
+        w7_outer_lr=args.w7_outer_lr,
+        w7_outer_momentum=args.w7_outer_momentum,
         timeout=args.timeout,
     )
     results: dict[str, Result] = {}

@@ -44,6 +44,8 @@ class Config:
     w5_rounds: int = 3
     w7_inner_steps: tuple[int, ...] = (8, 32, 128)
     w7_lm_inner_steps: int = 256
+    w7_outer_lr: float | None = None  # None: the setting's default (0.7)
+    w7_outer_momentum: float | None = None  # None: the setting's default (0.9)
     timeout: float = 300.0
 
 

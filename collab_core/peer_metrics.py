@@ -19,6 +19,8 @@ from typing import Any, Optional
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from pydantic.v1 import BaseModel, StrictBool, StrictBytes, StrictFloat, conint, conlist, constr
 
+from collab_core.records import parse_dictionary_entries
+
 __all__ = [
     "METRICS_KEY_SUFFIX",
     "MAX_MADDRS",
@@ -121,18 +123,8 @@ def parse_metrics_records(entries: Any, now: float) -> tuple[dict[bytes, PeerMet
         ``(records by peer id, reasons)``: one reason per skipped record, e.g. ``"malformed (ValidationError)"``.
     """
     records: dict[bytes, PeerMetrics] = {}
-    skipped: list[str] = []
-    if not isinstance(entries, dict):
-        return records, ([] if entries is None else [f"not a dictionary ({type(entries).__name__})"])
-    for entry in entries.values():
-        value = getattr(entry, "value", entry)
-        if value is None:
-            continue  # withdrawn by a peer that left
-        try:
-            parsed = PeerMetricsRecord.parse_obj(value)
-        except Exception as e:
-            skipped.append(f"malformed ({type(e).__name__})")
-            continue
+    parsed_values, skipped = parse_dictionary_entries(entries, PeerMetricsRecord.parse_obj)
+    for parsed in parsed_values:
         numbers = [parsed.samples_per_second, parsed.time] + ([parsed.loss] if parsed.loss is not None else [])
         if not all(math.isfinite(x) for x in numbers) or parsed.samples_per_second < 0:
             skipped.append("non-finite or negative values")

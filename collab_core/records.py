@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -30,4 +34,32 @@ class PeerRecord:
     fingerprint: str = ""
 
 
-__all__ = ["PeerRecord"]
+def parse_dictionary_entries(entries: Any, parse: Callable[[Any], T]) -> tuple[list[T], list[str]]:
+    """Parse the values of a DHT dictionary value (``{subkey: value}``, as ``dht.get`` returns it).
+
+    Pure: withdrawn entries (``None``) are left out; a value ``parse`` raises on is skipped with the reason
+    ``"malformed (<exception type>)"``; anything but a dictionary yields nothing (and a reason unless it is None).
+
+    Args:
+        entries: ``{subkey: value}``; a value may be wrapped in an object with a ``.value`` attribute.
+        parse: turns one value into a record (e.g. a pydantic schema's ``parse_obj``).
+
+    Returns:
+        ``(parsed records, reasons)``: one reason per skipped value.
+    """
+    if not isinstance(entries, dict):
+        return [], ([] if entries is None else [f"not a dictionary ({type(entries).__name__})"])
+    parsed: list[T] = []
+    skipped: list[str] = []
+    for entry in entries.values():
+        value = getattr(entry, "value", entry)
+        if value is None:
+            continue  # withdrawn by a peer that left
+        try:
+            parsed.append(parse(value))
+        except Exception as e:
+            skipped.append(f"malformed ({type(e).__name__})")
+    return parsed, skipped
+
+
+__all__ = ["PeerRecord", "parse_dictionary_entries"]

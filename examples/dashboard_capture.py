@@ -7,7 +7,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-FLAGS = (
+#: headless Chromium on a machine with a closed network: without the background-networking flags, its connections
+#: are refused many at a time (also used by the browser tests, tests/support/monitor.py)
+HEADLESS_FLAGS = (
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
@@ -16,8 +18,11 @@ FLAGS = (
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--hide-scrollbars",
     "--window-size=1400,1000",
+)
+FLAGS = (
+    *HEADLESS_FLAGS,
+    "--hide-scrollbars",
     "--virtual-time-budget=5000",  # lets the page's script fetch /api/state and draw before the capture
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import sys
 
@@ -72,3 +73,19 @@ def test_demo_driver_runs_a_collaboration_with_churn(tmp_path):
     killed_last = max(float(row["time"]) for row in rows if row["peer"] == "peer2")
     after_kill = [count for time, count in presence if time > killed_last]
     assert after_kill and after_kill[0] == 2
+
+
+def test_demo_driver_in_diloco_mode(tmp_path):
+    """`make demo ALGORITHM=diloco` in small: the same churn (a late joiner, a SIGKILL) in DiLoCo mode; the survivors
+    took every outer step in DiLoCo mode and end identical."""
+    out = tmp_path / "demo_out"
+    command = [sys.executable, "-m", "examples.demo", "--peers", "3", "--steps", "10", "--algorithm", "diloco"]
+    command += ["--no-monitor", "--output-dir", str(out)]
+    returncode, output = run_to_completion(command, timeout=240, env={"PYTHONPATH": str(REPO_ROOT)})
+    assert returncode == 0, output
+    assert "collaborative training (diloco)" in output
+    assert "surviving peers with identical weights: yes" in output, output[-3000:]
+    assert "peer2: SIGKILL" in output and "peer1 joins now" in output
+    for peer in ("peer0", "peer1"):
+        summary = json.loads((out / "peers" / peer / "summary.json").read_text())
+        assert summary["algorithm"] == "diloco" and summary["collaborative_step"] == 10, summary

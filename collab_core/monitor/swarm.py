@@ -14,7 +14,7 @@ from typing import Any
 
 from collab_core.peer_metrics import MAX_CLOCK_SKEW, PeerMetrics
 from collab_core.progress import MAX_PEER_ID_BYTES, CollabTrainingProgress
-from collab_core.records import PeerRecord
+from collab_core.records import PeerRecord, parse_dictionary_entries
 from collab_core.reporting import eta_seconds
 
 __all__ = ["PeerRow", "SwarmState", "build_state", "parse_progress_records", "peer_id_text", "short_peer_id"]
@@ -52,18 +52,8 @@ def parse_progress_records(entries: Any, now: float) -> tuple[dict[bytes, PeerRe
         ``(records by peer id, reasons)``: one reason per skipped record.
     """
     records: dict[bytes, PeerRecord] = {}
-    skipped: list[str] = []
-    if not isinstance(entries, dict):
-        return records, ([] if entries is None else [f"not a dictionary ({type(entries).__name__})"])
-    for entry in entries.values():
-        value = getattr(entry, "value", entry)
-        if value is None:
-            continue
-        try:
-            parsed = CollabTrainingProgress.parse_obj(value)
-        except Exception as e:
-            skipped.append(f"malformed ({type(e).__name__})")
-            continue
+    parsed_values, skipped = parse_dictionary_entries(entries, CollabTrainingProgress.parse_obj)
+    for parsed in parsed_values:
         if not math.isfinite(parsed.samples_per_second) or not math.isfinite(parsed.time):
             skipped.append("non-finite values")
             continue

@@ -214,18 +214,33 @@ def test_a_killed_peer_delays_the_others_by_at_most_the_averaging_timeout(tmp_pa
 # ---------------------------------------------------------------------------------------------------- 5 and 6
 
 
-@pytest.fixture(scope="module", params=["uniform8bit", "float16-bf16"], ids=["uniform8bit", "float16+bf16-params"])
+_COMPRESSED_RUNS: dict[str, tuple] = {}
+
+
+def _compressed_run(param: str, tmp_path_factory) -> tuple:
+    """2 peers, 3 outer steps, the pseudo-gradient compressed; with float16 also bf16 parameters (inner training).
+    Each run is made once per module and shared by the tests that read it."""
+    if param not in _COMPRESSED_RUNS:
+        compression, _, dtype = param.partition("-")
+        extra = ("--dtype", "bfloat16") if dtype else ()
+        steps = 3
+        specs = [peer_spec(f"p{i}", bs, 1000 + i, steps, *DILOCO, *extra, peers=2) for i, bs in enumerate((16, 8))]
+        results = run_peers(
+            tmp_path_factory.mktemp(f"diloco_{compression}"), f"diloco_{compression}", specs,
+            target_batch_size=6 * 24, averaging_timeout=20, matchmaking_time=3, compression=compression,
+        )  # fmt: skip
+        _COMPRESSED_RUNS[param] = (param, steps, torch.bfloat16 if dtype else torch.float32, results)
+    return _COMPRESSED_RUNS[param]
+
+
+@pytest.fixture(params=["uniform8bit", "float16-bf16"], ids=["uniform8bit", "float16+bf16-params"])
 def compressed(request, tmp_path_factory):
-    """2 peers, 3 outer steps, the pseudo-gradient compressed; with float16 also bf16 parameters (inner training)."""
-    compression, _, dtype = request.param.partition("-")
-    extra = ("--dtype", "bfloat16") if dtype else ()
-    steps = 3
-    specs = [peer_spec(f"p{i}", bs, 1000 + i, steps, *DILOCO, *extra, peers=2) for i, bs in enumerate((16, 8))]
-    results = run_peers(
-        tmp_path_factory.mktemp(f"diloco_{compression}"), f"diloco_{compression}", specs, target_batch_size=6 * 24,
-        averaging_timeout=20, matchmaking_time=3, compression=compression,
-    )  # fmt: skip
-    return request.param, steps, torch.bfloat16 if dtype else torch.float32, results
+    return _compressed_run(request.param, tmp_path_factory)
+
+
+@pytest.fixture
+def bf16_run(tmp_path_factory):
+    return _compressed_run("float16-bf16", tmp_path_factory)
 
 
 def test_compressed_pseudo_gradients_really_average(compressed):
@@ -245,12 +260,11 @@ def test_compressed_pseudo_gradients_really_average(compressed):
     assert max_diff(a, b) <= 0.1 * averaging_effect
 
 
-def test_bf16_inner_training_keeps_the_global_state_float32(compressed):
+def test_bf16_inner_training_keeps_the_global_state_float32(bf16_run):
     """Semantics 6: bf16 parameters and inner steps; θ_global, the outer momentum and the averaged pseudo-gradient
     stay float32 (θ_global is not bf16-representable), θ_local is θ_global rounded, everything finite."""
-    name, steps, dtype, results = compressed
-    if dtype is not torch.bfloat16:
-        pytest.skip("the float32 run")
+    name, steps, dtype, results = bf16_run
+    assert dtype is torch.bfloat16
     for result in results.values():
         final = result["final"]
         assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in final["params"])

@@ -144,6 +144,10 @@ def build(namespace: str, args: argparse.Namespace):
             """The start barrier. Peers meet after reporting their first samples, so that every peer is expected in
             the first collaborative step (peers without samples are not waited for: one that is slow to start would
             miss the first step and download instead)."""
+            # publish the first samples now: the optimizer publishes a record between targets at most every
+            # min_refresh_period, and this peer's loop waits here, so without it the others would see 0 samples
+            # until the reporter's next periodic store (about 30 s: the stall these tests used to have)
+            strategy.collaborative_optimizer.tracker.announce(timeout=10)
             barrier(strategy.dht, f"{strategy.settings.run_id}_test_start", args.name, args.peers)
             if not args.join_at_step:  # progress records are published in the background: wait until all show samples
                 collab = strategy.collaborative_optimizer

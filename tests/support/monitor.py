@@ -17,21 +17,12 @@ from typing import Any
 
 import pytest
 
+from examples.dashboard_capture import HEADLESS_FLAGS
 from tests.support.processes import launch_logged, peer_env, stop_process_group
 
 URL = re.compile(r"open (http://\S+) to watch")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1400,1000",
-)
+CHROMIUM_FLAGS = HEADLESS_FLAGS
 
 
 def poll_until(probe: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
