@@ -15,11 +15,11 @@ import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
 from accelerate_collab.batch import MicroBatchCounter
-from accelerate_collab.local import LocalGroup, StepOutcome
 from accelerate_collab.metrics import ProgressReporter
 from collab_core import CollaborativeOptimizer
 from collab_core.backup import is_backup
 from collab_core.collaboration import StepOutcome as CoreStepOutcome
+from collab_core.local_peer import LeaderOutcome, LocalGroup, LocalReplicas
 from collab_core.log import get_logger
 from collab_core.state import restore_state
 
@@ -66,7 +66,8 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
         self.reuse_grad_buffers = reuse_grad_buffers
         self.grad_scaler = grad_scaler
         self._group, self._counter, self._reporter, self._dht = group, counter, reporter, dht
-        self._params = [param for param_group in optimizer.param_groups for param in param_group["params"]]
+        self._replicas = LocalReplicas(group, optimizer, scheduler)  # the leader/follower protocol (collab_core)
+        self._params = self._replicas.params
         self._skipped = False
         self._step = collaborative.local_step if collaborative is not None else 0
         self._num_peers = 1
@@ -127,20 +128,13 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
             self._skipped = True  # accumulating: Accelerate's "step only on sync steps"
             return loss if closure is not None else None
         samples, micro_batches = self._counter.take()
-        peer_samples = self._group.total(samples)
-        outcome: StepOutcome | None = None
+        contribute = None
         if self.collaborative_optimizer is not None:
-            try:
-                outcome = self._contribute(peer_samples, micro_batches)
-            except BaseException:
-                if self._group.distributed:  # release the other processes, which wait for the outcome
-                    self._group.share_outcome(StepOutcome(False, False, self._step, 0, failed=True))
-                raise
-        outcome = self._group.share_outcome(outcome)
-        if outcome.failed:
-            raise RuntimeError(
-                "the main process of this peer failed in optimizer.step() (see its error); this process stops too"
-            )
+
+            def contribute(peer_samples: int) -> LeaderOutcome:
+                return self._contribute(peer_samples, micro_batches)
+
+        outcome = self._replicas.step(samples, contribute)  # parameters and LR state are the main process's now
         self._follow(outcome)
         self._skipped = not outcome.updated
         if self._reporter is not None:
@@ -162,7 +156,7 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
             return
         self.local_optimizer.zero_grad(set_to_none=True if set_to_none is None else set_to_none)
 
-    def _contribute(self, peer_samples: int, micro_batches: int) -> StepOutcome:
+    def _contribute(self, peer_samples: int, micro_batches: int) -> LeaderOutcome:
         """Main process: hand the peer's averaged gradient to the collaborative optimizer."""
         collaborative = self.collaborative_optimizer
         assert collaborative is not None
@@ -178,7 +172,7 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
         report = collaborative.last_step_report
         assert report is not None
         scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 0.0
-        return StepOutcome(
+        return LeaderOutcome(
             # SKIPPED: fp16 overflow, or inf/NaN in the averaged gradient (every member of the round skipped it)
             updated=report.outcome is CoreStepOutcome.UPDATED,
             changed=report.stepped,
@@ -188,37 +182,14 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
             params_changed=report.parameters_changed,  # DiLoCo: an inner step at every sync step
         )
 
-    def _follow(self, outcome: StepOutcome) -> None:
-        """Bring every local process to the main process's state after a sync step."""
-        main = self.collaborative_optimizer is not None
-        if (outcome.changed or outcome.params_changed) and self._group.distributed:
-            self._group.share_tensors(self._params)
-            lr_state = self._group.share_object(self._lr_state() if main else None)
-            if not main:
-                self._load_lr_state(lr_state)
-        if main:
+    def _follow(self, outcome: LeaderOutcome) -> None:
+        """The other local processes' bookkeeping after a sync step (their parameters are the main process's)."""
+        if self.collaborative_optimizer is not None:
             return
         self._step, self._num_peers = outcome.step, outcome.num_peers
         if self.grad_scaler is not None and outcome.scale and self.grad_scaler.get_scale() != outcome.scale:
             self.grad_scaler.update(outcome.scale)  # DDP averages scaled gradients: every process needs one scale
-        if outcome.changed or not self.reuse_grad_buffers:
-            # the main process's step() emptied its gradients (after accumulating them, or after a step/download)
-            with torch.no_grad():
-                for param in self._params:
-                    if param.grad is not None:
-                        param.grad.zero_()
-
-    def _lr_state(self) -> dict[str, Any]:
-        return {
-            "lrs": [param_group["lr"] for param_group in self.local_optimizer.param_groups],
-            "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-        }
-
-    def _load_lr_state(self, lr_state: dict[str, Any]) -> None:
-        for param_group, lr in zip(self.local_optimizer.param_groups, lr_state["lrs"], strict=True):
-            param_group["lr"] = lr
-        if self.lr_scheduler is not None and lr_state["scheduler"] is not None:
-            self.lr_scheduler.load_state_dict(lr_state["scheduler"])
+        self._replicas.clear_follower_gradients(outcome, self.reuse_grad_buffers)
 
     # ------------------------------------------------------------------ checkpoints
 

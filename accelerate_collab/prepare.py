@@ -11,13 +11,13 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 
 from accelerate_collab.batch import MicroBatchCounter
-from accelerate_collab.local import LocalGroup
 from accelerate_collab.metrics import ProgressReporter
 from accelerate_collab.optimizer import CollaborativeAcceleratedOptimizer
 from accelerate_collab.scheduler import CollaborativeAcceleratedScheduler
 from collab_core import CollaborativeOptimizer, CollaborativeSettings
 from collab_core.backup import BACKUP_FILE
 from collab_core.join import join
+from collab_core.local_peer import LocalGroup
 from collab_core.log import get_logger
 from collab_core.scheduler import check_collaborative_scheduler
 

@@ -61,9 +61,9 @@ def start_dht(
         print(hint, flush=True)
     if not dht.client_mode:  # can the peers we join connect back to us? (advice printed once per process)
         from collab_core.metrics_publisher import reachable_maddrs
-        from collab_core.reachability import advise_once
+        from collab_core.reachability import advise_once, local_networks
 
-        advise_once(reachable_maddrs(dht), settings.initial_peers, settings.client_mode)
+        advise_once(reachable_maddrs(dht), settings.initial_peers, settings.client_mode, local_networks())
     return dht, hint
 
 

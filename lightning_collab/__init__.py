@@ -6,7 +6,10 @@ Lightning namespace (a strategy name is only known once the package that registe
 
 * ``lightning_collab.CollaborativeStrategy`` for ``pytorch_lightning``;
 * ``lightning_collab.LightningCollaborativeStrategy`` (also ``lightning_collab.lightning.CollaborativeStrategy``) for
-  ``lightning.pytorch``.
+  ``lightning.pytorch``;
+* ``lightning_collab.fabric.CollaborativeFabricStrategy`` for Lightning Fabric (``lightning.fabric``), and
+  ``lightning_collab.fabric_standalone.CollaborativeFabricStrategy`` for ``lightning_fabric``: ``"collaborative"`` in
+  Fabric's strategy registry too, so ``Fabric(strategy="collaborative")`` works.
 
 A namespace that is not installed is not imported; asking for its class raises ImportError with the fix.
 """
@@ -23,7 +26,10 @@ _NAMESPACES = {
     # exported name: (our module, Lightning namespace, pip package)
     "CollaborativeStrategy": ("lightning_collab.pl", "pytorch_lightning", "pytorch-lightning"),
     "LightningCollaborativeStrategy": ("lightning_collab.lightning", "lightning.pytorch", "lightning"),
+    "CollaborativeFabricStrategy": ("lightning_collab.fabric", "lightning.fabric", "lightning"),
 }
+#: Fabric's standalone package: registered when installed, its class is lightning_collab.fabric_standalone's
+_STANDALONE_FABRIC = ("lightning_collab.fabric_standalone", "lightning_fabric", "lightning-fabric")
 
 
 def _installed(namespace: str) -> bool:
@@ -33,7 +39,7 @@ def _installed(namespace: str) -> bool:
         return False
 
 
-for _module, _namespace, _package in _NAMESPACES.values():
+for _module, _namespace, _package in [*_NAMESPACES.values(), _STANDALONE_FABRIC]:
     if _installed(_namespace):
         importlib.import_module(_module)  # defines the class and registers "collaborative"
 
@@ -43,8 +49,13 @@ def __getattr__(name: str) -> Any:
         module, namespace, package = _NAMESPACES[name]
         if not _installed(namespace):
             raise ImportError(f"lightning_collab.{name} needs {namespace}: pip install {package}")
-        return importlib.import_module(module).CollaborativeStrategy
+        return getattr(importlib.import_module(module), name.removeprefix("Lightning"))
     raise AttributeError(f"module 'lightning_collab' has no attribute {name!r}")
 
 
-__all__ = ["CollaborativeStrategy", "LightningCollaborativeStrategy", "METRIC_DESCRIPTIONS"]
+__all__ = [
+    "CollaborativeFabricStrategy",
+    "CollaborativeStrategy",
+    "LightningCollaborativeStrategy",
+    "METRIC_DESCRIPTIONS",
+]

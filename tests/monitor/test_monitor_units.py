@@ -188,6 +188,20 @@ def test_reachability_advice():
     assert "announces no address" in reachability_advice([], public_swarm, client_mode=False)[0]
 
 
+def test_reachability_advice_for_a_private_swarm_on_another_network():
+    """Behind a home router: this peer's LAN is not the swarm's network, so the swarm cannot dial it."""
+    import ipaddress
+
+    lan = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("10.213.1.0/24")]
+    swarm = ["/ip4/10.213.0.1/tcp/31337/p2p/x"]
+    [advice] = reachability_advice(["/ip4/10.213.1.2/tcp/4000"], swarm, client_mode=False, own_networks=lan)
+    assert "cannot accept connections" in advice and "COLLAB_CLIENT_MODE=1" in advice and "10.213.1.0/24" in advice
+    assert reachability_advice(["/ip4/10.213.1.2/tcp/4000"], swarm, client_mode=True, own_networks=lan) == []
+    same_network = [ipaddress.ip_network("10.213.0.0/24")]
+    assert reachability_advice(["/ip4/10.213.0.7/tcp/4000"], swarm, False, own_networks=same_network) == []
+    assert reachability_advice(["/ip4/10.213.1.2/tcp/4000"], swarm, client_mode=False) == []  # networks unknown
+
+
 def test_doctor_findings():
     [skewed] = clock_findings([NOW + 40], NOW)
     assert not skewed.ok and "40 s ahead" in skewed.detail and "NTP" in skewed.fix

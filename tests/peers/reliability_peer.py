@@ -153,6 +153,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--state-priority-offset", type=float, default=0.0, help="serve downloads first/last")
     parser.add_argument("--fail-round-at-step", type=int, default=-1, help="only this peer's round of it fails")
     parser.add_argument("--nan-at-step", type=int, default=-1, help="send NaN gradients toward this step")
+    parser.add_argument("--step-file", default="", help="write {'step': local_step} here after each step")
     return parser.parse_args()
 
 
@@ -257,6 +258,8 @@ def train(args, collab, model, recorder: Recorder) -> None:
         collab.step(batch_size=args.batch_size)
         recorder.longest_call = max(recorder.longest_call, time.monotonic() - call_started)
         recorder.after_call(step_before, lr_before, downloads_before)
+        if args.step_file and collab.local_step != step_before:
+            save_atomically({"step": collab.local_step, "time": time.monotonic()}, args.step_file)
         if collab.local_step != step_before and collab.local_step == args.kill_after_step:
             print(f"kill hook: SIGKILL right after step {collab.local_step}", flush=True)
             os.killpg(os.getpgid(0), signal.SIGKILL)
