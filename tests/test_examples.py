@@ -61,7 +61,9 @@ def test_demo_driver_runs_a_collaboration_with_churn(tmp_path):
         mine = [row for row in rows if row["peer"] == peer]
         # from its first contributed samples on: the late joiner's rows start while it is still joining
         first = next(i for i, row in enumerate(mine) if int(row["samples"]) > int(mine[0]["samples"]))
-        mine = mine[max(0, first - 1) :]
+        # up to its last contributed samples: a peer that finished early reports the same count for the rest of the run
+        last = max(i for i in range(1, len(mine)) if int(mine[i]["samples"]) > int(mine[i - 1]["samples"]))
+        mine = mine[max(0, first - 1) : last + 1]
         rates = [float(row["samples_per_second"]) for row in mine if row["samples_per_second"]]
         average = (int(mine[-1]["samples"]) - int(mine[0]["samples"])) / (
             float(mine[-1]["time"]) - float(mine[0]["time"])
