@@ -365,11 +365,7 @@ class Collaboration:
         view = self._view_to_act_on()
         if view is None:
             return self._report(StepOutcome.ACCUMULATED, step_before)
-        # The state lock is held for the whole step, so a peer downloading this peer's state meanwhile gets the
-        # state *after* this step instead of one that is outdated a moment later. The speed this peer reports
-        # counts compute only: time in the round would make others underestimate how soon it contributes again.
-        with self._state_lock, self.tracker.performance_ema.pause(), self._doing("averaging"):
-            return self._act(view, step_before)
+        return self._act(view, step_before)
 
     def _report(
         self, outcome: StepOutcome, step_before: int, decision: Decision | None = None, **kw: Any
@@ -417,18 +413,26 @@ class Collaboration:
         local = self.local_peer(view)
         decision = self.planner.plan_step(view.peers, local, get_dht_time(), self.sync.may_download())
         if decision.action is Action.DOWNLOAD:
+            # Not under the state lock: peers that download from this one meanwhile get its current state at once.
+            # (Held here, two peers downloading from each other at the same time, e.g. both misled by a forged
+            # record, each blocked the other's request until hivemind's per-chunk timeout.)
             self._log_download(decision)
-            loaded = self._download(decision, require_newer=True)
+            with self.tracker.performance_ema.pause():
+                loaded = self._download(decision, require_newer=True)
             return self._report(StepOutcome.DOWNLOADED if loaded else StepOutcome.ACCUMULATED, step_before, decision)
         if decision.action is Action.WAIT:
             logger.debug(f"{self.prefix}: {decision.reason}")
             return self._report(StepOutcome.ACCUMULATED, step_before, decision)
-        if decision.action is Action.STEP_ALONE:
-            self.scheme.step_alone(self.local_step)
-            self._finish_step({local.peer_id: dict(step=self.local_step, samples=local.samples)})
-            outcome = StepOutcome.SKIPPED if self.local.last_step_skipped else StepOutcome.UPDATED
-            return self._report(outcome, step_before, decision)
-        return self._run_round(view, local, decision, step_before)
+        # The state lock is held for the whole step, so a peer downloading this peer's state meanwhile gets the
+        # state *after* this step instead of one that is outdated a moment later. The speed this peer reports
+        # counts compute only: time in the round would make others underestimate how soon it contributes again.
+        with self._state_lock, self.tracker.performance_ema.pause(), self._doing("averaging"):
+            if decision.action is Action.STEP_ALONE:
+                self.scheme.step_alone(self.local_step)
+                self._finish_step({local.peer_id: dict(step=self.local_step, samples=local.samples)})
+                outcome = StepOutcome.SKIPPED if self.local.last_step_skipped else StepOutcome.UPDATED
+                return self._report(outcome, step_before, decision)
+            return self._run_round(view, local, decision, step_before)
 
     def _run_round(self, view: CollaborationView, local: LocalPeer, decision: Decision, step_before: int) -> StepReport:
         step = self.local_step

@@ -29,6 +29,9 @@ def make_optimizer(net: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.o
 
 def meet_peers(strategy, name: str, peers: int) -> None:
     """The start barrier, after this peer's first samples are reported (as in ``lightning_peer.py``)."""
+    # publish the first samples now: between targets the optimizer publishes at most every min_refresh_period, so
+    # without it the others see 0 samples until the reporter's next periodic store (a 30 s stall per run)
+    strategy.collaborative_optimizer.tracker.announce(timeout=10)
     barrier(strategy.dht, f"{strategy.settings.run_id}_test_start", name, peers)
     collab = strategy.collaborative_optimizer
     deadline = time.monotonic() + BARRIER_TIMEOUT

@@ -3,7 +3,7 @@
 A long-lived ``anchor`` trains the whole time; the test keeps 3 more peers running and, every ``CHURN_PERIOD``
 seconds (counted from the moment the first 4 train together), stops one of them (alternately SIGTERM, a clean
 leave, and SIGKILL of its process group, a crash) and starts a fresh one, which joins mid-run and downloads the
-state. ``make test`` runs it for ``CHURN_SECONDS`` (45 s); ``make soak`` sets ``RELIABILITY_SOAK_SECONDS=180``.
+state. ``make test`` runs it for ``CHURN_SECONDS`` (30 s); ``make soak`` sets ``RELIABILITY_SOAK_SECONDS=180``.
 The schedule is time-driven, but no assertion depends on timing: the checks are on what the peers recorded
 (identical replicas, the anchor's steps and resources).
 """
@@ -19,7 +19,7 @@ import pytest
 from tests.support.processes import PeerSet, bootstrap_dht, collab_env
 from tests.support.reliability import group_ends, max_replica_diff, peer_args, start, wait_for_file
 
-CHURN_SECONDS = float(os.environ.get("RELIABILITY_SOAK_SECONDS", "45"))
+CHURN_SECONDS = float(os.environ.get("RELIABILITY_SOAK_SECONDS", "30"))
 CHURN_PERIOD = 5.0
 WARM_UP_SECONDS = 10.0  # the anchor's baseline resources are taken after this much training
 
