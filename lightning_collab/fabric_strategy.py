@@ -89,7 +89,7 @@ class FabricNamespace:
         _forward_step_arguments(self.FabricOptimizer)
 
 
-def _forward_step_arguments(fabric_optimizer: type) -> None:
+def _forward_step_arguments(fabric_optimizer: Any) -> None:
     """WORKAROUND (lightning 2.6, ``_FabricOptimizer.step(closure=None)``): Fabric's optimizer wrapper accepts no
     argument but the closure, so ``optimizer.step(batch_size=n)`` would raise TypeError before reaching the strategy.
     The wrapper's ``step`` is replaced by one that passes further keyword arguments to a collaborative strategy's
@@ -112,7 +112,7 @@ def _forward_step_arguments(fabric_optimizer: type) -> None:
         return output
 
     step._collab_forwards_arguments = True  # type: ignore[attr-defined]
-    fabric_optimizer.step = step  # type: ignore[method-assign]
+    fabric_optimizer.step = step
 
 
 class CollaborativeFabricStrategyMixin(_TypedStrategyBase):
@@ -213,7 +213,8 @@ class CollaborativeFabricStrategyMixin(_TypedStrategyBase):
                 "Fabric(strategy='collaborative') is one peer with one optimizer, and it already joined with one. "
                 "Call fabric.setup(model, optimizer) once; create a new Fabric for another run."
             )
-        if isinstance(self.precision, self._fabric.MixedPrecision) and self.precision.scaler is not None:
+        scaler = getattr(self.precision, "scaler", None)
+        if isinstance(self.precision, self._fabric.MixedPrecision) and scaler is not None:
             raise ValueError(
                 "Fabric(strategy='collaborative') does not support precision='16-mixed' (its gradient scaler would "
                 "unscale and step at every micro-batch). Use precision='bf16-mixed' or '32-true'."
@@ -244,7 +245,8 @@ class CollaborativeFabricStrategyMixin(_TypedStrategyBase):
                 "optimizer.step(batch_size=len(batch)), or set batch_size (CollaborativeFabricStrategy(batch_size=...) "
                 "or COLLAB_BATCH_SIZE) when every micro-batch has the same size."
             )
-        return super().optimizer_step(optimizer, **kwargs)  # the precision plugin calls optimizer.step(**kwargs)
+        # the precision plugin calls optimizer.step(**kwargs)
+        return super().optimizer_step(optimizer, **kwargs)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ leaving
 
