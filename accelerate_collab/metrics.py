@@ -25,6 +25,27 @@ METRIC_NAMES = tuple(METRIC_DESCRIPTIONS)
 BAR_REFRESH_SECONDS = 0.5
 
 
+def bar_frame(
+    optimizer_step: int, samples_accumulated: int, target_batch_size: int, taken_undrawn: int | None
+) -> tuple[int, int]:
+    """What the bar shows: ``(label step, samples)``.
+
+    A step this peer took that no redraw has shown yet is shown full (its label, ``target_batch_size`` samples), so
+    that a person sees every completed step fill the bar even when steps come faster than the bar is redrawn (and
+    the redraw after it is not due at the call that took it); otherwise the step being built, with the samples the
+    collaboration accumulated toward it.
+
+    Args:
+        optimizer_step: collaborative steps taken so far.
+        samples_accumulated: samples the collaboration accumulated toward the next step.
+        target_batch_size: samples per collaborative step.
+        taken_undrawn: the latest step taken since the last redraw (``None``: none, or the state was downloaded).
+    """
+    if taken_undrawn is not None:
+        return taken_undrawn, target_batch_size
+    return optimizer_step + 1, min(samples_accumulated, target_batch_size)
+
+
 class ProgressReporter:
     """Shows the collaboration's progress on the main process.
 
@@ -56,6 +77,7 @@ class ProgressReporter:
         self._bar: Any = None
         self._drawn_at = -math.inf
         self._frame: tuple[int, int] | None = None  # (label step, samples shown) of the latest state
+        self._taken_undrawn: int | None = None  # the latest step this peer took that no redraw has shown yet
         self._drawn_frame: tuple[int, int] | None = None
         self._downloads = 0
         if progress_bar:
@@ -77,12 +99,16 @@ class ProgressReporter:
         self.progress.update(state, now)
         downloaded = state.state_downloads != self._downloads
         self._downloads = state.state_downloads
-        if step_changed and not downloaded:  # the step was taken: its bar is full
-            self._frame = (state.optimizer_step, state.target_batch_size)
-        else:
-            self._frame = (state.optimizer_step + 1, min(state.samples_accumulated, state.target_batch_size))
+        if downloaded:  # the state jumped: there is no completed step to show
+            self._taken_undrawn = None
+        elif step_changed:
+            self._taken_undrawn = state.optimizer_step
+        self._frame = bar_frame(
+            state.optimizer_step, state.samples_accumulated, state.target_batch_size, self._taken_undrawn
+        )
         if self._bar is not None and due:
             self._draw(now)
+            self._taken_undrawn = None
         if step_changed and self.log_metrics and self.accelerator.trackers:
             metrics = collaboration_metrics(self.optimizer, self.progress.latest)
             self.accelerator.log(metrics, step=int(metrics["collab/step"]))
@@ -116,4 +142,4 @@ class ProgressReporter:
         self._bar = None
 
 
-__all__ = ["BAR_REFRESH_SECONDS", "METRIC_NAMES", "ProgressReporter", "collaboration_metrics"]
+__all__ = ["BAR_REFRESH_SECONDS", "METRIC_NAMES", "ProgressReporter", "bar_frame", "collaboration_metrics"]

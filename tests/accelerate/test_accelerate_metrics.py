@@ -74,3 +74,12 @@ def test_no_logging_without_trackers_or_when_disabled(dht, run_id, monkeypatch, 
     assert trained.optimizer.collaborative_step == 3
     assert calls == [] and tracker.logged == []
     assert "collaborative step" not in capsys.readouterr().err  # progress_bar=False: no bar
+
+
+def test_a_step_taken_between_redraws_is_shown_full_at_the_next_redraw():
+    """Steps faster than the redraw period: the redraw after one shows it completed, not the next step's start."""
+    from accelerate_collab.metrics import bar_frame
+
+    assert bar_frame(7, 0, 128, taken_undrawn=7) == (7, 128)
+    assert bar_frame(7, 40, 128, taken_undrawn=None) == (8, 40)  # shown already (or downloaded): the step being built
+    assert bar_frame(7, 300, 128, taken_undrawn=None) == (8, 128)  # never more than full
