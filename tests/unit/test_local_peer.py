@@ -7,6 +7,7 @@ when one hangs.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -81,3 +82,8 @@ def test_followers_receive_the_leaders_state_and_its_failure(tmp_path):
 
 def _worker_entry(rank: int, init_file: str, outs: list[str]) -> None:
     _worker(rank, init_file, outs[rank])
+    # The results are saved and the process group destroyed. Leave without the interpreter's teardown: after the
+    # failure step, a worker aborted at exit in about 1 run in 5 (SIGABRT, "terminate called without an active
+    # exception", no Python frame left: a C++ destructor of torch 2.13's gloo, not reproduced without the failure
+    # step), which would fail this test of the protocol for a reason outside it.
+    os._exit(0)
