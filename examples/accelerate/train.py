@@ -12,7 +12,7 @@ Second peer (another terminal or machine; any number of local processes)::
         examples/accelerate/train.py --collab-config examples/accelerate/collab.yaml
 
 DiLoCo mode (local inner steps, one outer step per ``target_batch_size`` samples): ``--collab-config
-examples/accelerate/collab_diloco.yaml`` (one setting differs).
+examples/accelerate/collab_diloco.yaml`` (two settings differ: ``algorithm`` and ``outer_momentum``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ First peer (starts the run and prints the join hint)::
 
     python examples/lightning/train.py fit --config examples/lightning/config.yaml
 
-(``--config examples/lightning/config_diloco.yaml`` trains in DiLoCo mode: one setting differs.)
+(``--config examples/lightning/config_diloco.yaml`` trains in DiLoCo mode: two settings differ.)
 
 Second peer, on this or another machine, with the two variables from the first peer's hint::
 

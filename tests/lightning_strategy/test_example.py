@@ -88,19 +88,21 @@ def test_strategy_help_shows_the_docstrings():
 
 
 def test_the_diloco_config_trains_in_diloco_mode(tmp_path):
-    """examples/lightning/config_diloco.yaml (one setting more than config.yaml) trains a peer in DiLoCo mode."""
+    """examples/lightning/config_diloco.yaml (two settings more than config.yaml) trains a peer in DiLoCo mode, as
+    well as gradient mode does, for the config's whole run (40 outer steps; it diverged with outer momentum 0.9)."""
     config = REPO_ROOT / "examples" / "lightning" / "config_diloco.yaml"
     differences = set(config.read_text().splitlines()) - set(CONFIG.read_text().splitlines())
-    assert [line for line in differences if not line.startswith("#")] == [
-        "      algorithm: diloco       # the only difference from config.yaml"
+    assert sorted(line.split("#")[0].strip() for line in differences if not line.startswith("#")) == [
+        "algorithm: diloco",
+        "outer_momentum: 0.5",
     ]
-    command = [sys.executable, str(TRAIN), "fit", "--config", str(config), "--model.collaborative_steps", "6",
+    command = [sys.executable, str(TRAIN), "fit", "--config", str(config), "--data.seed", "0",
                "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                "--output_dir", str(tmp_path)]  # fmt: skip
     env = {"COLLAB_HOST_MADDRS": LOOPBACK, "PYTHONPATH": str(REPO_ROOT)}
     returncode, output = run_to_completion(command, timeout=180, env=env)
     assert returncode == 0, output[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["algorithm"] == "diloco" and summary["collaborative_step"] == 6
-    assert summary["optimizer_calls"] >= 6 * 8  # 8 inner steps (256 samples / 32) per outer step, alone
-    assert summary["val_accuracy"] > 0.5, summary
+    assert summary["algorithm"] == "diloco" and summary["collaborative_step"] == 40
+    assert summary["optimizer_calls"] >= 40 * 8  # 8 inner steps (256 samples / 32) per outer step, alone
+    assert summary["val_accuracy"] > 0.9, summary  # gradient mode: 0.95
