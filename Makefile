@@ -38,7 +38,7 @@ $(DEMO_STAMP): pyproject.toml
 install: $(STAMP) ## Create the venv and install the project with all extras (incl. dev)
 
 test: $(STAMP) ## Run the test suite (extra pytest flags: PYTEST_ARGS="...")
-	@$(VENV_PY) -m pytest -q $(PYTEST_ARGS); s=$$?; \
+	@$(VENV_PY) -m pytest -q --durations=25 $(PYTEST_ARGS); s=$$?; \
 	if [ $$s -eq 5 ]; then echo "WARNING: pytest collected no tests"; exit 0; fi; \
 	exit $$s
 

@@ -220,7 +220,13 @@ class Collaboration:
         #: what this peer is doing, for progress displays: "accumulating", "averaging", "downloading", "leaving",
         #: "stopped"
         self.activity = "accumulating"
-        self.planner = RoundPlanner(target_batch_size, step_tolerance, retry_window=timeouts.matchmaking_window)
+        self.planner = RoundPlanner(
+            target_batch_size,
+            step_tolerance,
+            retry_window=timeouts.matchmaking_window,
+            no_group_window=timeouts.round,
+            max_distrust=max_backoff,
+        )
         self.failed_rounds = 0
         self.short_rounds = 0
         self.forks_healed = 0
@@ -465,7 +471,7 @@ class Collaboration:
             )
         self.failed_rounds += 1
         if status is RoundStatus.NO_GROUP:
-            self.planner.record_no_group(decision.group, local)
+            self.planner.record_no_group(decision.group, local, get_dht_time())
         elif status is RoundStatus.BROKE:
             # groupmates that got all their parts applied this round (hivemind's all-reduce is not atomic):
             # retrying the step without them would fork the replicas

@@ -144,21 +144,31 @@ class RoundPlanner:
         step_tolerance: how many steps behind a peer may be and still keep training without downloading.
         retry_window: after a round that broke here mid-way, how long to wait for its silent groupmates to show
             whether they took the step (one matchmaking window: :attr:`RoundTimeouts.matchmaking_window`).
+        no_group_window: after a round in which no group formed here, how long peers that were accumulating toward
+            the same step may be in a round that counted this peer without its knowing (one whole round:
+            :attr:`RoundTimeouts.round`); meanwhile this peer does not step alone. 0 disables the wait.
+        max_distrust: the longest time an unchanged record found unbacked is distrusted (each new refusal of the
+            same record doubles its distrust, up to this; the download back-off's cap).
     """
 
     target_batch_size: int
     step_tolerance: int
     retry_window: float
+    no_group_window: float = 0.0
+    max_distrust: float = float("inf")
     #: peers expected in a round that never came -> the time of the record they were expected on
     absent: dict[bytes, float] = field(default_factory=dict)
     #: peers of this peer's last step (or the likely producers of a downloaded state) -> when it was reached
     round_mates: dict[bytes, float] = field(default_factory=dict)
     #: when this peer reached its current step (None: it has not stepped or downloaded since it started)
     reached_step_at: float | None = None
-    #: records found not to be backed by a state any peer serves -> (their time, believed again from)
-    unbacked: dict[bytes, tuple[float, float]] = field(default_factory=dict)
+    #: records found not to be backed by a state any peer serves -> (their time, believed again from, for how long)
+    unbacked: dict[bytes, tuple[float, float, float]] = field(default_factory=dict)
     #: a round that broke here after its all-reduce began: (step, its peers, failure time)
     unsettled: tuple[int, frozenset[bytes], float] | None = None
+    #: after a round in which no group formed here: (step, the peers that were accumulating toward it -> the time of
+    #: their record then, until when they may be in a round that counted this peer)
+    no_group: tuple[int, dict[bytes, float], float] | None = None
 
     # ------------------------------------------------------------------ whom to count
 
@@ -320,8 +330,36 @@ class RoundPlanner:
             # would be a step ahead of them for good (they never download from clients)
             return Decision(Action.WAIT, reason=f"client waits for a peer that accepts connections at {local.step}")
         if len(group) <= 1:
+            in_round = self.maybe_in_round(records, local, now)
+            if in_round:
+                return Decision(
+                    Action.WAIT,
+                    reason=f"{len(in_round)} peer(s) that found no group with this one at step {local.step} may be "
+                    "in a round that counted it; waiting for their news before stepping alone",
+                )
             return Decision(Action.STEP_ALONE, group=tuple(group))
         return Decision(Action.RUN_ROUND, group=tuple(group))
+
+    def maybe_in_round(self, records: Sequence[PeerRecord], local: LocalPeer, now: float) -> list[PeerRecord]:
+        """Peers that may be in a round that counted this peer although no group formed on its side.
+
+        hivemind's matchmaking is not atomic either: a leader can assemble a group with a follower whose own request
+        timed out meanwhile (a slow reply on a loaded machine). That follower sees "could not find a group"; the
+        others sit in an all-reduce that waits for its parts until their averaging timeout. Stepping alone then
+        would take the step without them, and every later one too, until they download. So, for one round's time
+        after such a round, the peers that were accumulating toward the same step and have published nothing since
+        are waited for: once their round fails they publish news and are expected again; if they took the step
+        without this peer, they are ahead and it downloads; if they crashed, the wait ends with the window.
+        """
+        if self.no_group is None:
+            return []
+        step, peers, until = self.no_group
+        if step != local.step or now >= until:
+            self.no_group = None
+            return []
+        return [
+            peer for peer in records if peer.peer_id in peers and peer.step == step and peer.time <= peers[peer.peer_id]
+        ]
 
     def may_retry(self, records: Sequence[PeerRecord], local: LocalPeer, now: float) -> bool:
         """After a round that broke here once its all-reduce had begun: whether this step may be tried again.
@@ -410,6 +448,7 @@ class RoundPlanner:
         self.reached_step_at = now
         self.round_mates = dict.fromkeys(participants, now)
         self.unsettled = None
+        self.no_group = None
 
     def record_round(self, group: Sequence[PeerRecord], gathered: Iterable[bytes]) -> None:
         """A round completed with the ``gathered`` peers: expected ones that did not come are absent until news."""
@@ -420,9 +459,18 @@ class RoundPlanner:
         for peer_id in came:
             self.absent.pop(peer_id, None)
 
-    def record_no_group(self, group: Sequence[PeerRecord], local: LocalPeer) -> None:
-        """No group formed: nobody expected came; do not wait for them again until they publish news."""
+    def record_no_group(self, group: Sequence[PeerRecord], local: LocalPeer, now: float) -> None:
+        """No group formed: nobody expected came; do not wait for them again until they publish news. Those that
+        were accumulating toward this step may be in a round that counted this peer: no step alone for
+        ``no_group_window`` unless they publish news first (:meth:`maybe_in_round`)."""
         self.record_round(group, [local.peer_id])
+        accumulating = {
+            peer.peer_id: peer.time
+            for peer in group
+            if peer.peer_id != local.peer_id and peer.step == local.step and peer.samples > 0
+        }
+        if accumulating and self.no_group_window > 0:
+            self.no_group = (local.step, accumulating, now + self.no_group_window)
 
     def record_broken_round(self, step: int, group: Sequence[PeerRecord], now: float) -> None:
         """The round broke here after its all-reduce began: some groupmates may have applied it."""
@@ -430,27 +478,45 @@ class RoundPlanner:
 
     def record_download(self, records: Sequence[PeerRecord], step: int, now: float) -> None:
         """A state of ``step`` was loaded. Peers last seen one step earlier most likely produced it and are at
-        ``step`` too: count them in the next group until their records catch up (as after a step taken together)."""
+        ``step`` too: count them in the next group until their records catch up (as after a step taken together).
+
+        Distrust ends for records the download explains (at ``step`` or behind); an unchanged record that still
+        claims a later step stays distrusted: believed again at once, a forged one made a peer that fell behind try
+        it again after every real download, and each try blocked it, missing the others' rounds, until it fell
+        behind again (the hostile-records test under load).
+        """
         self.reached_step_at = now
         self.round_mates = {peer.peer_id: now for peer in records if peer.step == step - 1}
-        self.unbacked.clear()
+        latest = {peer.peer_id: peer for peer in records}
+        self.unbacked = {
+            peer_id: claim
+            for peer_id, claim in self.unbacked.items()
+            if peer_id in latest and latest[peer_id].time == claim[0] and latest[peer_id].step > step
+        }
         self.unsettled = None
+        self.no_group = None
 
     def record_refused_download(
         self, records: Sequence[PeerRecord], local: LocalPeer, now: float, retry_at: float, fork: Fork | None = None
     ) -> None:
         """No peer served the state that records ahead of (or forked from) this peer claim: distrust those records
         until they change or until ``retry_at`` (the download back-off), so that a forged record cannot make this
-        peer reload again and again, discarding its work each time."""
+        peer reload again and again, discarding its work each time. An unchanged record refused again is distrusted
+        twice as long as the last time (up to ``max_distrust``)."""
         present = {peer.peer_id for peer in records}
         self.unbacked = {peer_id: claim for peer_id, claim in self.unbacked.items() if peer_id in present}
         claimants = [peer for peer in records if peer.step > local.step and not peer.client_mode]
         if fork is not None:
             winners = set(fork.sides.get(fork.winner, ()))
             claimants += [peer for peer in records if peer.peer_id in winners and peer.step == fork.step]
+        backoff = max(0.0, retry_at - now)
         for peer in claimants:
-            if peer.peer_id != local.peer_id:
-                self.unbacked[peer.peer_id] = (peer.time, retry_at)
+            if peer.peer_id == local.peer_id:
+                continue
+            earlier = self.unbacked.get(peer.peer_id)
+            again = earlier is not None and earlier[0] == peer.time  # the same record, refused once more
+            distrust = min(max(backoff, 2 * earlier[2]), self.max_distrust) if again and earlier else backoff
+            self.unbacked[peer.peer_id] = (peer.time, now + distrust, distrust)
 
 
 __all__ = ["Action", "Decision", "Fork", "LocalPeer", "RoundPlanner", "find_fork"]

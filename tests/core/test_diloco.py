@@ -247,6 +247,8 @@ def test_compressed_pseudo_gradients_really_average(compressed):
     """Semantics 5 (and 6 with bf16): the peers end at the replay's θ_global up to the codec's error, far from where
     each would be with only its own pseudo-gradient (what a silently failed decode leaves)."""
     name, steps, dtype, results = compressed
+    shared = [step for step in range(steps) if len(round_contributions(results.values(), step)) == 2]
+    assert shared, "no outer step averaged both peers' pseudo-gradients: this run cannot show the averaging"
     factories = Factories(model=partial(make_model, 0, dtype))
     exact, _ = replay_diloco(results, steps, factories=factories)
     unaveraged, _ = replay_diloco(results, steps, factories=factories, only_peer="p0")

@@ -81,7 +81,9 @@ def replay_diloco(
         outer_momentum: its momentum.
         nesterov: its Nesterov flag.
         sample_weighted: weight each peer's pseudo-gradient by its samples (False: equally).
-        only_peer: use only this peer's pseudo-gradient (what a peer would get if nothing were averaged).
+        only_peer: use only this peer's pseudo-gradient (what a peer would get if nothing were averaged). In a
+            round this peer was not in (under load a peer can miss one and download the state afterwards), the
+            round's own pseudo-gradient: the peer would have downloaded the state it made.
 
     ``sample_weighted=False`` and ``nesterov=False`` exist to show that a test's comparison with this replay detects
     those mistakes.
@@ -94,6 +96,7 @@ def replay_diloco(
     for step in range(steps):
         contributions = round_contributions(results.values(), step)
         deltas: list[tuple[float, list[torch.Tensor]]] = []
+        own: tuple[float, list[torch.Tensor]] | None = None  # only_peer's pseudo-gradient, if it was in the round
         for name, result in sorted(results.items()):
             items = [(x, y) for (k, x, y) in result[batches_key] if k == step]
             if not items:
@@ -108,13 +111,17 @@ def replay_diloco(
             sent = sent_in_round(items, samples, lambda b: len(b[0]), took_step=took_step) if samples else []
             for start in range(0, len(sent), k):
                 peer.inner_step(sent[start : start + k])
-            if samples and only_peer in (None, name):
+            if samples:
                 delta = [g - p.detach().float() for g, p in zip(global_params, peer.model.parameters(), strict=True)]
                 deltas.append((float(samples) if sample_weighted else 1.0, delta))
+                if name == only_peer:
+                    own = deltas[-1]
             rest = items[len(sent) :]
             for start in range(0, len(rest), k):
                 peer.inner_step(rest[start : start + k])
         assert deltas, f"outer step {step} averaged nobody"
+        if own is not None:
+            deltas = [own]
         total = sum(weight for weight, _ in deltas)
         for index, global_param in enumerate(global_params):
             global_param.grad = sum(weight * delta[index] for weight, delta in deltas) / total

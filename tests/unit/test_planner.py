@@ -24,7 +24,13 @@ def me(step, samples=0, fp=FP_A, client=False) -> tuple[LocalPeer, PeerRecord]:
 
 
 def planner(**kwargs) -> RoundPlanner:
-    return RoundPlanner(TARGET, kwargs.pop("step_tolerance", 1), retry_window=kwargs.pop("retry_window", 4.0))
+    return RoundPlanner(
+        TARGET,
+        kwargs.pop("step_tolerance", 1),
+        retry_window=kwargs.pop("retry_window", 4.0),
+        no_group_window=kwargs.pop("no_group_window", 0.0),
+        max_distrust=kwargs.pop("max_distrust", float("inf")),
+    )
 
 
 def ids(records) -> set[bytes]:
@@ -74,10 +80,48 @@ def test_peer_that_missed_a_round_is_not_expected_until_it_publishes_news():
     p = planner()
     p.record_step([ME, P1], NOW - 10)
     late = rec(P1, 3, 20, time=NOW - 2)
-    p.record_no_group([mine, late], local)
+    p.record_no_group([mine, late], local, NOW)
     assert p.plan_step([mine, late], local, NOW, True).action is Action.STEP_ALONE
     fresh = rec(P1, 3, 30, time=NOW - 1)
     assert ids(p.plan_step([mine, fresh], local, NOW, True).group) == {ME, P1}
+
+
+def test_after_no_group_it_does_not_step_alone_while_the_others_may_be_in_a_round_that_counted_it():
+    """WAN test under load: hivemind's leader assembled a group with this peer, whose own join request had timed
+    out ("could not find a group"); the others sat in an all-reduce waiting for its parts while it stepped alone,
+    twice, and they downloaded. For one round's time it waits for their news instead."""
+    local, mine = me(3, 120)
+    p = planner(no_group_window=12.0)
+    p.record_step([ME, P1, P2], NOW - 10)
+    p1, p2 = rec(P1, 3, 40, time=NOW - 1), rec(P2, 3, 30, time=NOW - 1)
+    p.record_no_group([mine, p1, p2], local, NOW)
+    view = [mine, p1, p2]
+    decision = p.plan_step(view, local, NOW + 1, True)
+    assert decision.action is Action.WAIT and "may be in a round" in decision.reason
+    # their round failed (they never got this peer's parts): they publish news and are expected again
+    news = [mine, rec(P1, 3, 40, time=NOW + 5), rec(P2, 3, 30, time=NOW + 5)]
+    assert ids(p.plan_step(news, local, NOW + 6, True).group) == {ME, P1, P2}
+    # had they taken the step without this peer, it downloads
+    ahead = [mine, rec(P1, 4, 0, time=NOW + 5), p2]
+    assert p.plan_step(ahead, local, NOW + 6, True).action is Action.DOWNLOAD
+    # had they crashed, the wait ends with the window
+    assert p.plan_step(view, local, NOW + 12, True).action is Action.STEP_ALONE
+
+
+def test_after_no_group_idle_peers_and_later_steps_are_not_waited_for():
+    local, mine = me(3, 120)
+    p = planner(no_group_window=12.0)
+    idle = rec(P1, 3, 0, time=NOW - 1)  # it had nothing toward this step: it was in no round
+    p.record_no_group([mine, idle], local, NOW)
+    assert p.plan_step([mine, idle], local, NOW + 1, True).action is Action.STEP_ALONE
+    busy = rec(P1, 3, 50, time=NOW - 1)
+    p.record_no_group([mine, busy], local, NOW)
+    p.record_step([ME], NOW + 2)  # a step taken (e.g. after the window): the wait was about the old step only
+    local, mine = me(4, 120)
+    assert p.plan_step([mine, busy], local, NOW + 3, True).action is Action.STEP_ALONE
+    unlimited = planner()  # no_group_window 0: no wait at all
+    unlimited.record_no_group([mine, rec(P1, 4, 50, time=NOW - 1)], local, NOW)
+    assert unlimited.plan_step([mine, rec(P1, 4, 50, time=NOW - 1)], local, NOW + 1, True).action is (Action.STEP_ALONE)
 
 
 def test_round_mate_whose_record_predates_the_step_is_expected_and_extrapolated():
@@ -179,7 +223,7 @@ def test_issue_11_demo_failure_asymmetric_round_of_step_31():
     p0, p1 = planner(retry_window=4.0), planner(retry_window=4.0)
     local0, mine0 = LocalPeer(P1, 31, 128, FP_A), rec(P1, 31, 128, time=NOW)
     local1, mine1 = LocalPeer(ME, 31, 128, FP_A), rec(ME, 31, 128, time=NOW)
-    p0.record_no_group([mine0, rec(ME, 31, 128, time=NOW - 1)], local0)
+    p0.record_no_group([mine0, rec(ME, 31, 128, time=NOW - 1)], local0, NOW)
     p1.record_broken_round(31, [mine1, rec(P1, 31, 128, time=NOW - 1)], NOW)
     # peer1 sees peer0 silent at 31 -> waits, while peer0 (peer1 absent) steps alone
     assert p1.plan_step([mine1, rec(P1, 31, 128, time=NOW - 1)], local1, NOW + 0.5, True).action is Action.WAIT
@@ -251,13 +295,37 @@ def test_forged_fingerprint_costs_one_refused_download_per_back_off_not_work_for
     assert p.before_accumulating(view, local, NOW + 16, True).action is Action.DOWNLOAD  # bounded back-off
 
 
-def test_a_download_clears_distrust_and_counts_the_producers_as_round_mates():
+def test_a_download_clears_distrust_it_explains_and_counts_the_producers_as_round_mates():
     local, mine = me(8, 0, FP_B)
     p = planner()
     p.record_refused_download([mine, rec(P1, 9, 0)], LocalPeer(ME, 7, 0, FP_A), NOW - 5, retry_at=NOW + 60)
-    p.record_download([mine, rec(P1, 7, 40), rec(P2, 8, 0)], 8, NOW)
+    p.record_download([mine, rec(P1, 7, 40, time=NOW - 0.5), rec(P2, 8, 0)], 8, NOW)  # P1 published news
     assert p.unbacked == {} and set(p.round_mates) == {P1}
     assert p.reached_step_at == NOW
+
+
+def test_a_forged_record_stays_distrusted_across_real_downloads_and_longer_each_time():
+    """Hostile-records test under load: a forged record far ahead was believed again after every real download;
+    each try blocked the peer while the others' round waited for it, so it missed every round and fell behind."""
+    forged = rec(P1, 1_000_000, 0, time=NOW - 30)
+    local, mine = me(1)
+    p = planner(max_distrust=20.0)
+    p.record_refused_download([mine, forged], local, NOW, retry_at=NOW + 2)
+    assert not p.peers_ahead([mine, forged], local, NOW + 1)
+    honest = rec(P2, 1)  # it fell behind; a real download of step 2
+    p.record_download([mine, forged, honest], 2, NOW + 1.5)
+    local, mine = me(2)
+    assert not p.peers_ahead([mine, forged], local, NOW + 1.9)  # still distrusted after the download
+    assert p.peers_ahead([mine, forged], local, NOW + 2)  # until its back-off ends: then tried once more
+    p.record_refused_download([mine, forged], local, NOW + 2, retry_at=NOW + 4)
+    assert not p.peers_ahead([mine, forged], local, NOW + 5.9)  # refused again: twice as long (4 s)
+    assert p.peers_ahead([mine, forged], local, NOW + 6)
+    for _ in range(5):
+        p.record_refused_download([mine, forged], local, NOW + 10, retry_at=NOW + 12)
+    assert not p.peers_ahead([mine, forged], local, NOW + 29.9)
+    assert p.peers_ahead([mine, forged], local, NOW + 30)  # capped at max_distrust (20 s)
+    news = rec(P1, 1_000_000, 0, time=NOW + 11)  # a changed record is believed (then tested) at once
+    assert p.peers_ahead([mine, news], local, NOW + 12)
 
 
 def test_records_without_fingerprint_are_no_fork():
@@ -282,7 +350,7 @@ def test_leaving_after_stepping_alone_it_waits_for_the_peer_that_did_not_come_th
     p = planner()
     local, mine = me(7, 100)
     other_at_7 = rec(P1, 7, 60)
-    p.record_no_group([mine, other_at_7], local)  # P1 expected, never came: absent until news
+    p.record_no_group([mine, other_at_7], local, NOW)  # P1 expected, never came: absent until news
     p.record_step([ME], NOW)
     local, mine = me(8, fp=FP_B)
     decision = p.before_leaving([mine, other_at_7], local, NOW + 1, [], may_download=True)
@@ -318,7 +386,7 @@ def test_leaving_after_racing_ahead_alone_it_waits_for_the_peer_stuck_in_its_own
     p = planner()
     local, mine = me(32, 296)
     p1_at_32 = rec(P1, 32, 296, time=NOW - 2)
-    p.record_no_group([mine, p1_at_32], local)
+    p.record_no_group([mine, p1_at_32], local, NOW)
     local, mine = me(40)
     assert p.before_leaving([mine, p1_at_32], local, NOW, [], may_download=True, silent_for=13).action is Action.WAIT
     caught_up = rec(P1, 40, time=NOW + 3)
