@@ -478,7 +478,8 @@ class RoundPlanner:
 
     def record_download(self, records: Sequence[PeerRecord], step: int, now: float) -> None:
         """A state of ``step`` was loaded. Peers last seen one step earlier most likely produced it and are at
-        ``step`` too: count them in the next group until their records catch up (as after a step taken together).
+        ``step`` too, as are those seen there: count them in the next group until their records catch up (as after
+        a step taken together).
 
         Distrust ends for records the download explains (at ``step`` or behind); an unchanged record that still
         claims a later step stays distrusted: believed again at once, a forged one made a peer that fell behind try
@@ -486,7 +487,10 @@ class RoundPlanner:
         behind again (the hostile-records test under load).
         """
         self.reached_step_at = now
-        self.round_mates = {peer.peer_id: now for peer in records if peer.step == step - 1}
+        # peers already at ``step`` hold this state too (they produced or downloaded it) and train toward the next
+        # step: waited for as well. Otherwise, when their record still showed no samples, this peer filled the target
+        # alone and stepped alone while they did the same (two fast peers forked at the last step under load).
+        self.round_mates = {peer.peer_id: now for peer in records if peer.step in (step - 1, step)}
         latest = {peer.peer_id: peer for peer in records}
         self.unbacked = {
             peer_id: claim

@@ -300,8 +300,19 @@ def test_a_download_clears_distrust_it_explains_and_counts_the_producers_as_roun
     p = planner()
     p.record_refused_download([mine, rec(P1, 9, 0)], LocalPeer(ME, 7, 0, FP_A), NOW - 5, retry_at=NOW + 60)
     p.record_download([mine, rec(P1, 7, 40, time=NOW - 0.5), rec(P2, 8, 0)], 8, NOW)  # P1 published news
-    assert p.unbacked == {} and set(p.round_mates) == {P1}
+    assert p.unbacked == {} and set(p.round_mates) == {ME, P1, P2}  # (as after a step, this peer is one too)
     assert p.reached_step_at == NOW
+
+
+def test_after_a_download_the_peers_at_that_step_are_expected_even_without_samples():
+    """Two fast peers under load: one downloaded the step the other was at, and each filled the target alone; the
+    downloader must wait for the peer it got the state from, not step alone beside it."""
+    p = planner()
+    producer = rec(P1, 4, 0, time=NOW - 0.5)  # just stepped: no samples yet, record older than the download
+    p.record_download([rec(ME, 3, time=NOW - 1), producer], 4, NOW)
+    local, mine = me(4, 120)
+    decision = p.plan_step([mine, producer], local, NOW + 1, True)
+    assert decision.action is Action.RUN_ROUND and ids(decision.group) == {ME, P1}
 
 
 def test_a_forged_record_stays_distrusted_across_real_downloads_and_longer_each_time():
