@@ -35,7 +35,7 @@ def test_core_quickstart_demo_trains_identical_peers(tmp_path):
 def test_demo_driver_runs_a_collaboration_with_churn(tmp_path):
     """`make demo` in small: 3 Lightning peers (one joins late, one is killed); survivors end identical."""
     out = tmp_path / "demo_out"
-    command = [sys.executable, "-m", "examples.demo", "--peers", "3", "--steps", "20", "--output-dir", str(out)]
+    command = [sys.executable, "-m", "examples.demo", "--peers", "3", "--steps", "30", "--output-dir", str(out)]
     command += ["--monitor-port", "0"]  # any free port: 8765 may be taken on this machine
     returncode, output = run_to_completion(command, timeout=240, env={"PYTHONPATH": str(REPO_ROOT)})
     assert returncode == 0, output
