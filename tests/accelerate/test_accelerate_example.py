@@ -54,7 +54,7 @@ def test_example_two_peers_train_identical_models(tmp_path):
         )
         peers.wait([first, second], timeout=180)
         logs = peers.logs()
-        consoles = {"first": first.log_text(), "second": second.log_text()}
+        consoles = {"first": first.console_text(), "second": second.console_text()}
 
     results = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("first", "second")}
     models = {name: load_file(str(tmp_path / name / "model.safetensors")) for name in ("first", "second")}
@@ -87,8 +87,10 @@ def check_console_reads_well(name: str, console: str) -> None:
     assert frames, f"{name}: no progress bar\n{console[-3000:]}"
     assert all(frame.step.isdigit() for frame in frames), f"{name}: steps {sorted({f.step for f in frames})}"
     assert all(frame.total == 128 and frame.n <= frame.total for frame in frames)
-    # redrawn about twice a second (+ the first and the closing frame), not once per call
-    assert len(frames) <= 3 * (frames[-1].elapsed_seconds + 1) + 2, f"{name}: {len(frames)} frames"
+    # redrawn about twice a second (+ the first and the closing frame), not once per call; a line logged above the
+    # bar makes tqdm redraw it once more (those lines are bounded above)
+    refreshes = [frame for frame in frames if not frame.after_write]
+    assert len(refreshes) <= 3 * (frames[-1].elapsed_seconds + 1) + 2, f"{name}: {len(refreshes)} frames\n{console}"
     assert all("samples/s" in frame.postfix and "ETA" in frame.postfix for frame in frames[1:])
     summary = console.index("finished: ")
     assert not bar_frames(console[summary:]), f"{name}: the bar was drawn after the summary\n{console[summary:]}"

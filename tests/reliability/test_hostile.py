@@ -78,18 +78,31 @@ def test_forged_progress_records_never_make_honest_peers_step_early(hostile_run)
 
 
 def test_nan_gradients_are_skipped_on_every_replica(hostile_run):
-    """Scenario 8: the NaN peer's round is detected before the averaged gradient is applied, on every member."""
+    """Scenario 8: the NaN peer's round is detected before the averaged gradient is applied, on every member.
+
+    A member whose round of that step failed on its side (after the exchange, so the others completed it) reaches the
+    next step by a state download instead: it saw no NaN to skip, and its replica is checked against the others."""
     results, logs = hostile_run["results"], hostile_run["logs"]
     members = [results[name] for name in ("h1", "h2", "nan")]
+    in_round = [result for result in members if NAN_STEP in result["participants"]]
+    assert len(in_round) >= 2, {r["name"]: (sorted(r["participants"]), r["download_steps"]) for r in members}
     for result in members:
         assert all_finite(result)
+        assert result["local_step"] == STEPS
+        if result not in in_round:  # came to the step after the NaN round by a download of the others' state
+            assert any(step > NAN_STEP for step in result["download_steps"]), (result["name"], result["download_steps"])
+            assert result["collaboration_state"]["nonfinite_steps"] == 0
+            continue
         assert result["collaboration_state"]["nonfinite_steps"] == 1
         assert "contains inf/NaN" in logs[result["name"]]
         before, after = result["per_step"][NAN_STEP], result["per_step"][NAN_STEP + 1]
         assert tensor_diff(before["params"], after["params"]) == 0.0  # skipped: parameters unchanged ...
-        assert after["params"] != [] and result["local_step"] == STEPS  # ... the step still counted
+        assert after["params"] != []  # ... the step still counted
     worst, compared = max_replica_diff(members)
-    print(f"\nNaN round skipped by all 3 peers; replicas finite and within {worst:.2e} ({compared} comparisons)")
+    print(
+        f"\nNaN round skipped by {len(in_round)} of 3 peers (the others downloaded); replicas finite and within "
+        f"{worst:.2e} ({compared} comparisons)"
+    )
     assert worst <= 1e-6
 
 

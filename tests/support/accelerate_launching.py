@@ -64,6 +64,10 @@ class LaunchedPeer:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def console_text(self) -> str:
+        """The output as a terminal received it: tqdm's carriage returns kept (``log_text`` makes them newlines)."""
+        return self.log.read_bytes().decode(errors="replace") if self.log.exists() else ""
+
 
 class LaunchedPeers:
     """Launches peers; use as ``with LaunchedPeers(tmp_path, env) as peers: ...``; every process ends on exit."""

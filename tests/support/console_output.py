@@ -86,17 +86,30 @@ class BarFrame:
     total: int
     elapsed_seconds: int
     postfix: str
+    #: drawn right after a line was written above the bar (tqdm clears the bar, writes, redraws): a redraw that the
+    #: log line caused, not the bar's own refresh
+    after_write: bool = False
 
 
 def bar_frames(text: str) -> list[BarFrame]:
     """Every frame of the Accelerate progress bar, in order (tqdm separates redraws with carriage returns)."""
     frames = []
+    previous_end = 0
     for match in BAR_FRAME.finditer(text):
         minutes_seconds = [int(part) for part in match.group("elapsed").split(":")]
         elapsed = sum(value * 60**power for power, value in enumerate(reversed(minutes_seconds)))
+        after_write = bool(frames) and "\n" in text[previous_end : match.start()]
         frames.append(
-            BarFrame(match.group("step"), int(match.group("n")), int(match.group("total")), elapsed, match["postfix"])
+            BarFrame(
+                match.group("step"),
+                int(match.group("n")),
+                int(match.group("total")),
+                elapsed,
+                match["postfix"],
+                after_write,
+            )
         )
+        previous_end = match.end()
     return frames
 
 

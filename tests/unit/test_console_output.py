@@ -48,3 +48,20 @@ def test_lightning_bar_values_are_read_from_tqdm_and_rich_bars():
     assert bar_metric(rich, "collab/peers") == [2.0] and bar_metric(tqdm, "collab/peers") == [2.0]
     assert etas(rich) == [1.538]
     assert len(etas(tqdm)) == 1 and etas(tqdm)[0] != etas(tqdm)[0]  # NaN: unknown
+
+
+def test_a_redraw_after_a_line_logged_above_the_bar_is_told_apart_from_a_refresh():
+    console = (
+        "hint\n"
+        "\rcollaborative step 1:   0%|          | 0/128 samples [00:00]"
+        "\rcollaborative step 1:  25%|██▌       | 32/128 samples [00:00, 2 peers, unknown samples/s, ETA unknown]"
+        "\r          \rDec 04 08:00:00.001 [INFO] [collab_core.optimizer] downloaded the state\n"
+        "\rcollaborative step 6: 100%|██████████| 128/128 samples [00:00, 2 peers, unknown samples/s, ETA 0.0s]"
+        "\rcollaborative step 7:   0%|          | 0/128 samples [00:01, 2 peers, 100 samples/s, ETA 1.3s]\n"
+    )
+    assert [(frame.step, frame.after_write) for frame in bar_frames(console)] == [
+        ("1", False),
+        ("1", False),
+        ("6", True),
+        ("7", False),
+    ]
