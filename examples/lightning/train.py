@@ -121,6 +121,10 @@ class PeerStatusFile(pl.Callback):
     A thread (not a training hook) because the interesting moments, averaging and state downloads, happen inside
     ``optimizer.step()``, when no hook runs. Its numbers follow ``collab_core.reporting``, like the progress bars:
     this peer's samples/s over the last seconds of real time, and an ETA that is None while unknown.
+
+    The thread ends (joined) in ``teardown``, at the end of ``fit``: a daemon thread still running inside torch when
+    the interpreter exits aborts the process ("terminate called without an active exception", exit code -6, after
+    the model was saved), so a thread that calls torch must end before the program does.
     """
 
     def __init__(self, path: str, interval: float = 0.3):
@@ -146,7 +150,17 @@ class PeerStatusFile(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self.state = "left" if isinstance(exception, KeyboardInterrupt) else "failed"
+        self.stop()  # Lightning calls no callback teardown after an exception
         self._write()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """End the writer thread and wait for it (idempotent); the file keeps the last snapshot."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def _snapshot(self) -> dict:
         self.meter.observe(self.samples)
