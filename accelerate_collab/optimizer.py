@@ -17,11 +17,9 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate_collab.batch import MicroBatchCounter
 from accelerate_collab.metrics import ProgressReporter
 from collab_core import CollaborativeOptimizer
-from collab_core.backup import is_backup
-from collab_core.collaboration import StepOutcome as CoreStepOutcome
-from collab_core.local_peer import LeaderOutcome, LocalGroup, LocalReplicas
+from collab_core.follower import FollowerOptimizer
+from collab_core.local_peer import LeaderOutcome, LocalGroup, LocalReplicas, leader_outcome
 from collab_core.log import get_logger
-from collab_core.state import restore_state
 
 logger = get_logger(__name__)
 
@@ -68,9 +66,13 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
         self._group, self._counter, self._reporter, self._dht = group, counter, reporter, dht
         self._replicas = LocalReplicas(group, optimizer, scheduler)  # the leader/follower protocol (collab_core)
         self._params = self._replicas.params
+        #: the other local processes' bookkeeping (step, peers, gradient scale, checkpoints); None on the main one
+        self._follower = (
+            FollowerOptimizer(self._replicas, reuse_grad_buffers=reuse_grad_buffers, grad_scaler=grad_scaler)
+            if collaborative is None
+            else None
+        )
         self._skipped = False
-        self._step = collaborative.local_step if collaborative is not None else 0
-        self._num_peers = 1
         self._closed = False
 
     # ------------------------------------------------------------------ public state
@@ -90,14 +92,16 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
         """Collaborative steps taken by this peer (the same on every local process)."""
         if self.collaborative_optimizer is not None:
             return self.collaborative_optimizer.local_step
-        return self._step
+        assert self._follower is not None
+        return self._follower.local_step
 
     @property
     def num_peers(self) -> int:
         """Peers in the collaboration as last seen (this one included; one per ``accelerate launch``)."""
         if self.collaborative_optimizer is not None:
             return self.collaborative_optimizer.collaboration_state.num_peers
-        return self._num_peers
+        assert self._follower is not None
+        return self._follower.num_peers
 
     @property
     def is_collaborating_process(self) -> bool:
@@ -169,27 +173,13 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
                     if param.grad is not None:
                         param.grad.mul_(accumulation_steps / micro_batches)
         collaborative.step(batch_size=peer_samples)
-        report = collaborative.last_step_report
-        assert report is not None
         scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 0.0
-        return LeaderOutcome(
-            # SKIPPED: fp16 overflow, or inf/NaN in the averaged gradient (every member of the round skipped it)
-            updated=report.outcome is CoreStepOutcome.UPDATED,
-            changed=report.stepped,
-            step=collaborative.local_step,
-            num_peers=collaborative.collaboration_state.num_peers,
-            scale=scale,
-            params_changed=report.parameters_changed,  # DiLoCo: an inner step at every sync step
-        )
+        return leader_outcome(collaborative, scale)
 
     def _follow(self, outcome: LeaderOutcome) -> None:
         """The other local processes' bookkeeping after a sync step (their parameters are the main process's)."""
-        if self.collaborative_optimizer is not None:
-            return
-        self._step, self._num_peers = outcome.step, outcome.num_peers
-        if self.grad_scaler is not None and outcome.scale and self.grad_scaler.get_scale() != outcome.scale:
-            self.grad_scaler.update(outcome.scale)  # DDP averages scaled gradients: every process needs one scale
-        self._replicas.clear_follower_gradients(outcome, self.reuse_grad_buffers)
+        if self._follower is not None:
+            self._follower.follow(outcome)  # DDP averages scaled gradients: every process needs one scale
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -197,11 +187,8 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
         """Optimizer state, scheduler state and the collaborative step (``collab_core`` checkpoint format)."""
         if self.collaborative_optimizer is not None:
             return self.collaborative_optimizer.state_dict()
-        return {
-            "optimizer": self.local_optimizer.state_dict(),
-            "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-            "local_step": self._step,
-        }
+        assert self._follower is not None
+        return self._follower.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a checkpoint made by :meth:`state_dict`, or a swarm backup (parameters too), on every process
@@ -209,18 +196,8 @@ class CollaborativeAcceleratedOptimizer(AcceleratedOptimizer):
         if self.collaborative_optimizer is not None:
             self.collaborative_optimizer.load_state_dict(state_dict)
             return
-        if is_backup(state_dict):  # a swarm backup: parameters, optimizer and scheduler state, as a download
-            self._step = restore_state(
-                self.local_optimizer, self.lr_scheduler, state_dict["metadata"], state_dict["tensors"]
-            )
-            return
-        if "local_step" not in state_dict:
-            self.local_optimizer.load_state_dict(state_dict)
-            return
-        self.local_optimizer.load_state_dict(state_dict["optimizer"])
-        if self.lr_scheduler is not None and state_dict.get("scheduler") is not None:
-            self.lr_scheduler.load_state_dict(state_dict["scheduler"])
-        self._step = int(state_dict["local_step"])
+        assert self._follower is not None
+        self._follower.load_state_dict(state_dict)  # a swarm backup restores the parameters too, as a download
 
     # ------------------------------------------------------------------ leaving
 

@@ -16,7 +16,7 @@ from accelerate_collab.optimizer import CollaborativeAcceleratedOptimizer
 from accelerate_collab.scheduler import CollaborativeAcceleratedScheduler
 from collab_core import CollaborativeOptimizer, CollaborativeSettings
 from collab_core.backup import BACKUP_FILE
-from collab_core.join import join
+from collab_core.join import Membership, join
 from collab_core.local_peer import LocalGroup
 from collab_core.log import get_logger
 from collab_core.scheduler import check_collaborative_scheduler
@@ -71,30 +71,25 @@ def prepare_collaborative(
     collaborative: CollaborativeOptimizer | None = None
     reporter: ProgressReporter | None = None
     own_dht = None
-    if accelerator.is_main_process:
-        try:
-            _warn_on_device_mismatch(optimizer, accelerator.device)
-            # step() always passes the samples of the peer's real optimizer step: no batch_size_per_step
-            membership = join(
-                optimizer,
-                config,
-                scheduler=scheduler,
-                grad_scaler=grad_scaler,
-                dht=dht,
-                print_hint=dht is None,
-                batch_size_per_step=None,
-            )
-            collaborative = membership.optimizer
-            own_dht = membership.dht if membership.owns_dht else None
-        except BaseException as e:
-            group.share_object(f"{type(e).__name__}: {e}")
-            raise
-        group.share_object(None)
+
+    def join_on_main_process() -> Membership:
+        _warn_on_device_mismatch(optimizer, accelerator.device)
+        # step() always passes the samples of the peer's real optimizer step: no batch_size_per_step
+        return join(
+            optimizer,
+            config,
+            scheduler=scheduler,
+            grad_scaler=grad_scaler,
+            dht=dht,
+            print_hint=dht is None,
+            batch_size_per_step=None,
+        )
+
+    membership = group.run_on_leader(join_on_main_process, "join the collaboration")  # None on the other processes
+    if membership is not None:
+        collaborative = membership.optimizer
+        own_dht = membership.dht if membership.owns_dht else None
         reporter = ProgressReporter(accelerator, collaborative, progress_bar=progress_bar, log_metrics=log_metrics)
-    else:
-        error = group.share_object(None)
-        if error is not None:
-            raise RuntimeError(f"the main process of this peer could not join the collaboration: {error}")
     wrapped = CollaborativeAcceleratedOptimizer(
         optimizer,
         collaborative=collaborative,

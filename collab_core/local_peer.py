@@ -7,17 +7,21 @@ gradient to the collaborative optimizer; afterwards it tells the followers what 
 changed, broadcasts them with the learning rates and the scheduler state (torch.distributed collectives over the
 process group the trainer created; gloo on CPU, NCCL on GPU). No networking beyond the local process group here.
 
-Accelerate's optimizer wrapper uses it (``accelerate_collab.optimizer``); nothing here knows about any trainer.
+Accelerate's optimizer wrapper (``accelerate_collab.optimizer``) and Lightning's multi-device strategy
+(``lightning_collab.multi_device``) use it, with :class:`collab_core.follower.FollowerOptimizer` on the followers;
+nothing here knows about any trainer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+Result = TypeVar("Result")
 
 _FIELDS = ("failed", "updated", "changed", "step", "num_peers", "scale", "params_changed")
 
@@ -44,6 +48,28 @@ class LeaderOutcome:
     scale: float = 0.0
     failed: bool = False
     params_changed: bool = False
+
+
+def leader_outcome(collaborative: Any, scale: float = 0.0) -> LeaderOutcome:
+    """What the last ``step()`` of the leader's collaborative optimizer did, as the followers need to know it.
+
+    Args:
+        collaborative: the leader's ``collab_core.CollaborativeOptimizer`` (or a subclass), right after ``step()``.
+        scale: the gradient scaler's scale after the call (0.0 without a scaler).
+    """
+    from collab_core.collaboration import StepOutcome  # the engine (and hivemind) only where a leader steps
+
+    report = collaborative.last_step_report
+    assert report is not None, "leader_outcome() is called after the collaborative optimizer's step()"
+    return LeaderOutcome(
+        # SKIPPED: fp16 overflow, or inf/NaN in the averaged gradient (every member of the round skipped it)
+        updated=report.outcome is StepOutcome.UPDATED,
+        changed=report.stepped,
+        step=collaborative.local_step,
+        num_peers=collaborative.collaboration_state.num_peers,
+        scale=scale,
+        params_changed=report.parameters_changed,  # DiLoCo: an inner step at every call
+    )
 
 
 class LocalGroup:
@@ -118,6 +144,32 @@ class LocalGroup:
         box = [value if self.is_main else None]
         dist.broadcast_object_list(box, src=0, device=self.device)
         return box[0]
+
+    def run_on_leader(self, action: Callable[[], Result], what: str) -> Result | None:
+        """Run ``action`` on the leader only (e.g. joining the collaboration); the followers learn whether it failed.
+
+        Args:
+            action: what the leader does.
+            what: the action in words, for the followers' error ("join the collaboration").
+
+        Returns:
+            ``action()``'s result on the leader, None on the followers.
+
+        Raises:
+            RuntimeError: on a follower, when the leader's ``action`` raised (the leader re-raises its own error).
+        """
+        if self.is_main:
+            try:
+                result = action()
+            except BaseException as failure:
+                self.share_object(f"{type(failure).__name__}: {failure}")  # release the followers, which wait here
+                raise
+            self.share_object(None)
+            return result
+        error = self.share_object(None)
+        if error is not None:
+            raise RuntimeError(f"the main process of this peer could not {what}: {error}")
+        return None
 
 
 class LocalReplicas:
@@ -195,4 +247,4 @@ class LocalReplicas:
             self.scheduler.load_state_dict(lr_state["scheduler"])
 
 
-__all__ = ["LeaderOutcome", "LocalGroup", "LocalReplicas"]
+__all__ = ["LeaderOutcome", "LocalGroup", "LocalReplicas", "leader_outcome"]
