@@ -58,6 +58,7 @@ class LightningNamespace:
 
     name: str
     SingleDeviceStrategy: type
+    DDPStrategy: type
     StrategyRegistry: Any
     MisconfigurationException: type[Exception]
     MixedPrecision: type
@@ -75,6 +76,7 @@ class LightningNamespace:
         return cls(
             name=name,
             SingleDeviceStrategy=strategies.SingleDeviceStrategy,
+            DDPStrategy=strategies.DDPStrategy,
             StrategyRegistry=strategies.StrategyRegistry,
             MisconfigurationException=module("utilities.exceptions").MisconfigurationException,
             MixedPrecision=module("plugins.precision").MixedPrecision,
@@ -103,6 +105,10 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
 
     strategy_name = STRATEGY_NAME
     _lightning: ClassVar[LightningNamespace]
+    #: this namespace's strategy for several local devices, which this one becomes when given several
+    _multi_device_class: ClassVar[Any]
+    #: set by Lightning's accelerator connector (as on its parallel strategies); used only with several devices
+    cluster_environment: Any = None
 
     def __init__(
         self,
@@ -170,7 +176,8 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
             compression: Compression of the averaged tensors: none, float16, scaled-float16, uniform8bit,
                 quantile8bit (default none).
             verbose: Log collaboration progress at INFO level (default False).
-            device: Torch device of this peer (default: the Trainer's ``accelerator``/``devices``).
+            device: Torch device of this peer, one process (default: the Trainer's ``accelerator``/``devices``; with
+                ``devices=N`` the peer is N local processes, one per device).
 
         Raises:
             collab_core.CollaborativeConfigError: (a ``ValueError``) for an invalid value; the message names the
@@ -245,18 +252,18 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
     @property
     def parallel_devices(self) -> list[torch.device]:
         """This peer's one device. Empty until known: Lightning's accelerator connector then sets it from the
-        Trainer's ``accelerator``/``devices`` (a device given to ``__init__`` is known from the start)."""
+        Trainer's ``accelerator``/``devices`` (a device given to ``__init__`` is known from the start). Given several,
+        the strategy becomes the multi-device one (see :mod:`lightning_collab.multi_device`)."""
         return [self.root_device] if self._device_known else []
 
     @parallel_devices.setter
     def parallel_devices(self, devices: list[torch.device] | None) -> None:
         if not devices:
             return
-        if len(devices) > 1:
-            raise self._lightning.MisconfigurationException(
-                f"strategy='collaborative' trains on one device per peer, but the Trainer was given {len(devices)} "
-                "devices. Set Trainer(devices=1); to use several GPUs of one machine, start one peer per GPU."
-            )
+        if len(devices) > 1:  # (never with a device given to __init__: Lightning keeps a strategy's own devices)
+            # N local processes as one peer: Lightning's DDP inside the machine (lightning_collab.multi_device)
+            self._multi_device_class.adopt(self, devices)
+            return
         if not self._device_given:
             self._root_device = devices[0]
         self._device_known = True
@@ -290,20 +297,30 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         return checkpoint_from_backup(checkpoint, module.state_dict(), version)
 
     def _join_collaboration(self, trainer: Any) -> None:
-        previous = self.collaborative_optimizer  # from an earlier fit of this Trainer (shut down), or None
         optimizer = self._single_optimizer()
         scheduler = self._single_scheduler()
         self._grad_scaler = self._fp16_scaler(trainer)
         settings = self.settings
         membership = join(optimizer, settings, scheduler=scheduler, grad_scaler=self._grad_scaler, print_hint=False)
+        self._joined(membership)
+
+    def _joined(self, membership: Membership) -> None:
+        """This process joined the collaboration (the only one of the peer): train with its optimizer."""
+        previous = self.collaborative_optimizer  # from an earlier fit of this Trainer (shut down), or None
         self._membership, self.dht, self.join_hint = membership, membership.dht, membership.join_hint
         collaborative = membership.optimizer
         if previous is not None:
             self._continue_from(previous, collaborative)
         self.collaborative_optimizer = collaborative
-        self.optimizers = [collaborative]
+        self._prepare_loop(collaborative, announce=True)
+
+    def _prepare_loop(self, optimizer: torch.optim.Optimizer, *, announce: bool) -> None:
+        """Hand ``optimizer`` and scheduler stand-ins to Lightning's loop; ``announce``: this process talks to the
+        collaboration (it warns, shows progress and prints the join hint)."""
+        settings = self.settings
+        self.optimizers = [optimizer]
         for config in self.lr_scheduler_configs:
-            if config.interval == "epoch" and not self._epoch_interval_warned:
+            if announce and config.interval == "epoch" and not self._epoch_interval_warned:
                 self._epoch_interval_warned = True
                 logger.warning(EPOCH_INTERVAL_WARNING.format(scheduler=type(config.scheduler).__name__))
             config.scheduler = SchedulerDrivenByCollaboration(config.scheduler)  # type: ignore[assignment]
@@ -313,6 +330,8 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
             self._patched_module = self.lightning_module
             self._patched_module.on_validation_model_zero_grad = _keep_accumulated_gradients
         self._pending_samples = 0
+        if not announce:
+            return
         # Lightning's progress bar shows the numbers; the console gets a line only when the state changes (peers
         # joined or left, a download, a failed round). With verbose=True the core logs those itself.
         self._progress = CollaborationProgress(
@@ -357,12 +376,7 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
         inner = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer in manual optimization
         if collaborative is None or inner is not collaborative:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
-        samples, self._pending_samples = self._pending_samples, 0
-        if samples <= 0:
-            raise self._lightning.MisconfigurationException(
-                "strategy='collaborative': optimizer.step() was called twice for the same training batch. With "
-                "manual optimization, call opt.step() at most once per training batch (after manual_backward)."
-            )
+        samples = self._take_pending_samples()
         model = model or self.lightning_module
         if self._grad_scaler is None:
             output = self.precision_plugin.optimizer_step(
@@ -382,6 +396,16 @@ class CollaborativeStrategyMixin(_TypedStrategyBase):
             collaborative.step(batch_size=samples)
         self._log_metrics()
         return output
+
+    def _take_pending_samples(self) -> int:
+        """This process's samples since the last optimizer step (all batches of the accumulation)."""
+        samples, self._pending_samples = self._pending_samples, 0
+        if samples <= 0:
+            raise self._lightning.MisconfigurationException(
+                "strategy='collaborative': optimizer.step() was called twice for the same training batch. With "
+                "manual optimization, call opt.step() at most once per training batch (after manual_backward)."
+            )
+        return samples
 
     def _log_metrics(self) -> None:
         module = self.lightning_module

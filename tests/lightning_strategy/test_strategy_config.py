@@ -200,7 +200,37 @@ def test_trainer_device_flags_reach_the_strategy(namespace):
     assert trainer.strategy.root_device == torch.device("cpu") and trainer.num_devices == 1
 
 
-def test_several_devices_per_peer_are_refused(namespace):
+@pytest.mark.parametrize("by_name", [False, True], ids=["instance", "name"])
+def test_several_devices_make_one_peer_of_ddp_processes(namespace, by_name, monkeypatch):
+    """devices=2: the strategy Lightning built (from the name or the instance) becomes this namespace's DDP-based
+    multi-device strategy, with Lightning's subprocess launcher; the settings stay as they were resolved."""
     L, cls = namespace
-    with pytest.raises(L.utilities.exceptions.MisconfigurationException, match="one peer per GPU"):
-        _trainer(L, strategy=cls(target_batch_size=8), devices=2)
+    monkeypatch.setenv("COLLAB_TARGET_BATCH_SIZE", "24")
+    trainer = _trainer(L, strategy="collaborative" if by_name else cls(run_id="duo"), devices=2)
+    strategy = trainer.strategy
+    multi_device_class = importlib.import_module(cls.__module__).CollaborativeMultiDeviceStrategy
+    assert type(strategy) is multi_device_class and isinstance(strategy, L.strategies.DDPStrategy)
+    assert strategy.num_processes == 2 and strategy.world_size == 2 and strategy.root_device == torch.device("cpu")
+    assert type(strategy.launcher).__name__ == "_SubprocessScriptLauncher"
+    assert strategy.settings.target_batch_size == 24
+    assert strategy.settings.run_id == ("collab" if by_name else "duo")
+    assert strategy.collaborative_step == 0 and strategy.dht is None  # nothing starts before fit
+
+
+def test_one_device_stays_the_single_device_strategy(namespace):
+    L, cls = namespace
+    strategy = _trainer(L, strategy=cls(target_batch_size=8), devices=1).strategy
+    assert type(strategy) is cls and not isinstance(strategy, L.strategies.DDPStrategy)
+
+
+def test_an_explicit_device_is_one_process_whatever_the_trainer_devices(namespace):
+    """As with Lightning's own strategies, devices known to the strategy win over the Trainer's flag."""
+    L, cls = namespace
+    trainer = _trainer(L, strategy=cls(target_batch_size=8, device="cpu"), devices=2)
+    assert type(trainer.strategy) is cls and trainer.num_devices == 1
+
+
+def test_several_nodes_per_peer_are_refused(namespace):
+    L, cls = namespace
+    with pytest.raises(L.utilities.exceptions.MisconfigurationException, match="one peer per machine"):
+        _trainer(L, strategy=cls(target_batch_size=8), devices=2, num_nodes=2)
