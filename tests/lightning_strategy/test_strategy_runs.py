@@ -16,12 +16,12 @@ import torch
 from collab_core.metrics import METRIC_DESCRIPTIONS, PROGRESS_BAR_METRICS
 from tests.peers.core_peer import failed_round_step
 from tests.peers.lightning_peer import lr_factor, make_net
+from tests.support.lightning_replay import BASE_LR, max_diff, replay
 from tests.support.processes import REPO_ROOT, PeerSet, bootstrap_dht, collab_env
 from tests.support.round_contributions import contributed_batches, round_contributions
 
 LIGHTNING_PEER = REPO_ROOT / "tests" / "peers" / "lightning_peer.py"
 TIMEOUT = 240
-BASE_LR = 0.1
 
 
 def run_lightning_peers(workdir, run_id, specs, timeout=TIMEOUT, **settings):
@@ -33,25 +33,6 @@ def run_lightning_peers(workdir, run_id, specs, timeout=TIMEOUT, **settings):
         for peer in started:
             results[peer.name]["log"] = peer.log_text()
         return results
-
-
-def max_diff(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
-
-
-def replay(results: dict, steps: int) -> torch.nn.Module:
-    """One process trains on every contributed batch of each collaborative step as one large batch."""
-    net = make_net()
-    opt = torch.optim.SGD(net.parameters(), lr=BASE_LR, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    for step in range(steps):
-        batches = [batch for sent in contributed_batches(results, step, "batches").values() for batch in sent]
-        opt.zero_grad()
-        total = sum(len(x) for x, _ in batches)
-        (sum(torch.nn.functional.cross_entropy(net(x), y, reduction="sum") for x, y in batches) / total).backward()
-        opt.step()
-        scheduler.step()
-    return net
 
 
 # ------------------------------------------------------------------------------------------------ lockstep run
