@@ -25,8 +25,10 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
-    replicas = LocalReplicas(LocalGroup(2, rank == 0, torch.device("cpu")), opt, scheduler)
+    group = LocalGroup(2, rank == 0, torch.device("cpu"))
+    replicas = LocalReplicas(group, opt, scheduler)
     seen_samples = []
+    joined = group.run_on_leader(lambda: "membership", "join the collaboration")
 
     def contribute(peer_samples: int) -> LeaderOutcome:
         seen_samples.append(peer_samples)
@@ -43,7 +45,16 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         "params": [p.detach().clone() for p in model.parameters()],
         "lr": opt.param_groups[0]["lr"],
         "last_epoch": scheduler.last_epoch,
+        "joined": joined,
     }
+
+    def fail_to_join() -> str:
+        raise ConnectionError("no peers")
+
+    try:
+        group.run_on_leader(fail_to_join, "join the collaboration")
+    except (ConnectionError, RuntimeError) as error:
+        result["join_error"] = f"{type(error).__name__}: {error}"
 
     def fail(_peer_samples: int) -> LeaderOutcome:
         raise ValueError("the leader broke")
@@ -56,7 +67,7 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_followers_receive_the_leaders_state_and_its_failure(tmp_path):
+def test_followers_receive_the_leaders_state_and_its_failures(tmp_path):
     outs = [str(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     context = mp.start_processes(
         _worker_entry, args=(str(tmp_path / "init"), outs), nprocs=2, join=False, start_method="spawn"
@@ -76,6 +87,11 @@ def test_followers_receive_the_leaders_state_and_its_failure(tmp_path):
     for a, b in zip(leader["params"], follower["params"], strict=True):
         assert torch.equal(a, b)
     assert follower["lr"] == leader["lr"] == 0.05 and follower["last_epoch"] == leader["last_epoch"] == 1
+    assert leader["joined"] == "membership" and follower["joined"] is None  # run_on_leader: the leader's result
+    assert leader["join_error"] == "ConnectionError: no peers"
+    assert follower["join_error"] == (
+        "RuntimeError: the main process of this peer could not join the collaboration: ConnectionError: no peers"
+    )
     assert leader["error"] == "ValueError: the leader broke"
     assert follower["error"].startswith("RuntimeError: the main process of this peer failed")
 
