@@ -5,7 +5,7 @@ buffers) and peer "solo" (1 device), each a separate OS process tree that the te
 ``FAILED_ON_DUO`` fails on its side only, so it leaves that step by a state download (solo holds at the next step
 until duo is there). Checked against the records of all three processes and a single-process replay in which duo's
 contribution to a step is the micro-batches of both its processes together. Then duo's processes resume from its
-checkpoint (written by rank 0) with ``ckpt_path``, in a new Trainer, alone.
+checkpoint (written by rank 0) with ``ckpt_path``, in a new Trainer (bf16-mixed), alone.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def duo_and_solo(tmp_path_factory):
     ckpt = workdir / "duo.ckpt"
     duo_args = [*common, "--devices", "2", "--data-seed", "1", "--ckpt-out", str(ckpt)]
     duo_args += ["--fail-round-at-step", str(FAILED_ON_DUO), "--resume-steps", str(STEPS + 1)]
+    duo_args += ["--resume-precision", "bf16-mixed"]
     solo_args = [*common, "--devices", "1", "--data-seed", "2", "--wait-for-peers-at-step", str(FAILED_ON_DUO + 1)]
     duo_env = {"COLLAB_CLIENT_MODE": "1", "COLLAB_REUSE_GRAD_BUFFERS": "1"}
     with bootstrap_dht() as dht, PeerSet(workdir, collab_env(dht, "multidevice", **settings)) as peers:
@@ -117,12 +118,14 @@ def test_checkpoint_is_written_by_rank_zero_with_the_collaborative_step(duo_and_
 
 
 @pytest.mark.slow
-def test_ckpt_path_resumes_both_processes_at_the_collaborative_step(duo_and_solo):
+def test_ckpt_path_resumes_both_processes_at_the_collaborative_step_in_bf16(duo_and_solo):
     rank0, rank1 = duo_and_solo["resumed"]
+    assert rank0["precision"] == rank1["precision"] == "bf16-mixed"
     assert rank0["step_at_start"] == rank1["step_at_start"] == STEPS
     saved = list(duo_and_solo["checkpoint"]["state_dict"].values())
     assert max_diff(rank0["params_at_start"], saved) == max_diff(rank1["params_at_start"], saved) == 0.0
     assert rank0["collaborative_step"] == rank1["collaborative_step"] == STEPS + 1
     assert max_diff(rank0["final"], rank1["final"]) <= 1e-6
+    assert max_diff(rank0["final"], saved) > 1e-4, "the resumed fit did not train"
     assert rank0["final_lr"] == rank1["final_lr"] == BASE_LR * lr_factor(STEPS + 1)
     assert rank0["scheduler_last_epoch"] == rank1["scheduler_last_epoch"] == STEPS + 1

@@ -119,7 +119,9 @@ class Recorder(pl.Callback):
             barrier(strategy.dht, f"{strategy.settings.run_id}_test_finish", self.args.name, self.peers)
 
 
-def fit(args: argparse.Namespace, strategy, steps: int, peers: int, ckpt_in: str | None) -> dict:
+def fit(
+    args: argparse.Namespace, strategy, steps: int, peers: int, ckpt_in: str | None, precision: str = "32-true"
+) -> dict:
     """One ``Trainer.fit`` to collaborative step ``steps`` with ``peers`` peers; this process's records of it."""
     recorder = Recorder(args, steps, peers)
     trainer = pl.Trainer(
@@ -133,6 +135,7 @@ def fit(args: argparse.Namespace, strategy, steps: int, peers: int, ckpt_in: str
         enable_model_summary=False,
         enable_progress_bar=False,
         num_sanity_val_steps=0,
+        precision=precision,
     )
     model = Module()
     train = torch.utils.data.DataLoader(make_data(args.data_seed, args.samples), batch_size=args.batch_size)
@@ -156,6 +159,7 @@ def fit(args: argparse.Namespace, strategy, steps: int, peers: int, ckpt_in: str
         "step_at_start": recorder.step_at_start,
         "params_at_start": recorder.params_at_start,
         "scheduler_last_epoch": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+        "precision": trainer.precision,
         "peer_id": collab.tracker.dht.peer_id.to_base58() if collab is not None else None,
         "collaboration_state": collab.collaboration_state.__dict__ if collab is not None else None,
     }
@@ -174,6 +178,7 @@ def main() -> int:
     parser.add_argument("--ckpt-out", default=None)
     parser.add_argument("--ckpt-in", default=None, help="fit(ckpt_path=...)")
     parser.add_argument("--resume-steps", type=int, default=0, help="then fit again from --ckpt-out to this step")
+    parser.add_argument("--resume-precision", default="32-true", help="the Trainer precision of that second fit")
     parser.add_argument("--fail-round-at-step", type=int, default=-1, help="only this peer's round of it fails")
     parser.add_argument("--wait-for-peers-at-step", type=int, default=-1, help="hold there until all peers are")
     args = parser.parse_args()
@@ -192,7 +197,7 @@ def main() -> int:
         strategy = lightning_collab.CollaborativeStrategy(
             run_id=f"{result['run_id']}-resume", default_refresh_period=0.5
         )
-        result["resumed"] = fit(args, strategy, args.resume_steps, 1, args.ckpt_out)
+        result["resumed"] = fit(args, strategy, args.resume_steps, 1, args.ckpt_out, args.resume_precision)
     rank = result["rank"]
     out = args.out if rank == 0 else f"{args.out}.rank{rank}"
     torch.save(result, out + ".tmp")
