@@ -1,8 +1,9 @@
 """State synchronisation: downloading a peer's state with back-off, and deciding whether a served state may load.
 
-The downloads themselves are hivemind's (``DecentralizedAverager.load_state_from_peers``); serving is the averager's
-state provider (see :class:`collab_core.averager.CollaborativeAverager`). This module only decides, from what was
-served, whether it is a state this peer should load, and paces automatic attempts after failures.
+The downloads themselves run in the averager process on hivemind's RPC (``load_state_from_peers``); serving is the
+averager's state provider (see :class:`collab_core.averager.CollaborativeAverager`). This module waits for a download
+as long as it makes progress, shows that progress (:mod:`collab_core.download_watch`), decides from what was served
+whether it is a state this peer should load, and paces automatic attempts after failures.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from typing import Any
 import torch
 
 from collab_core.averager import CollaborativeAverager
+from collab_core.download_watch import DownloadWatch
 from collab_core.log import get_logger
 
 logger = get_logger(__name__)
+
+#: how often a download in progress is looked at (its counters read, a progress line shown when due)
+DOWNLOAD_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,9 +98,31 @@ class StateSynchronizer:
         return now_dht + max(0.0, self.next_attempt_at - time.monotonic())
 
     def fetch(self, timeout: float) -> ServedState | None:
-        """Download some peer's state (hivemind's choice of peer); None if no peer served one."""
+        """Download some peer's state (hivemind's choice of peer); None if no peer served one.
+
+        Args:
+            timeout: give up when the download made no progress (no byte received, no other serving peer tried)
+                for this many seconds. There is no bound on the whole transfer: a large state on a slow link takes
+                its size over the bandwidth, and that is shown (a line every few seconds) instead of cut off.
+        """
+        watch = DownloadWatch(timeout, time.monotonic(), self.averager.download_progress())
         try:
-            downloaded = self.averager.load_state_from_peers(timeout=timeout)
+            future = self.averager.load_state_from_peers(wait=False, timeout=timeout)
+            while True:
+                try:
+                    downloaded = future.result(timeout=DOWNLOAD_POLL_SECONDS)
+                    break
+                except TimeoutError:
+                    pass
+                verdict = watch.observe(time.monotonic(), self.averager.download_progress())
+                if verdict.line is not None:
+                    logger.info(f"{self.prefix}: {verdict.line}")
+                if verdict.stalled:
+                    future.cancel()
+                    logger.warning(
+                        f"{self.prefix}: the state download made no progress for {timeout:.0f}s; giving up on it"
+                    )
+                    return None
         except Exception as e:
             logger.warning(f"{self.prefix}: could not download the state from peers: {e!r}")
             return None
@@ -104,6 +131,9 @@ class StateSynchronizer:
         metadata, tensors = downloaded
         if not isinstance(metadata, dict):
             return None
+        if watch.reported:
+            received = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+            logger.info(f"{self.prefix}: {watch.summary(time.monotonic(), received)}")
         return ServedState(metadata, tensors)
 
     def succeeded(self) -> None:

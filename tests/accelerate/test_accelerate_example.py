@@ -94,7 +94,7 @@ def check_console_reads_well(name: str, console: str) -> None:
     assert all("samples/s" in frame.postfix and "ETA" in frame.postfix for frame in frames[1:])
     summary = console.index("finished: ")
     assert not bar_frames(console[summary:]), f"{name}: the bar was drawn after the summary\n{console[summary:]}"
-    if "Downloading parameters" not in console:  # else its last step may have come by a download, unfilled
+    if "Downloading the state" not in console:  # else its last step may have come by a download, unfilled
         assert frames[-1].step == str(STEPS) and frames[-1].n == frames[-1].total, f"{name}: ends with {frames[-1]}"
 
 

@@ -241,13 +241,24 @@ def visible_maddrs(dht) -> list[str]:
         return []
 
 
+#: an optimizer-state entry that only makes the state large (``reliability_peer --ballast-mb``): the optimizer never
+#: reads it, downloads carry it, gradient rounds do not
+BALLAST_KEY = "ballast"
+
+
+def ballast_digest(value: torch.Tensor) -> torch.Tensor:
+    """A few numbers that tell two ballast tensors apart (snapshots keep these, not the megabytes)."""
+    flat = value.detach().flatten().double()
+    return torch.stack([flat.sum(), flat[0], flat[len(flat) // 2], flat[-1]])
+
+
 def snapshot(opt: CollaborativeOptimizer) -> dict:
     params = [p.detach().clone() for p in opt.param_groups[0]["params"]]
     state = {}
     for index, param in enumerate(opt.param_groups[0]["params"]):
         for key, value in opt.state.get(param, {}).items():
             if isinstance(value, torch.Tensor):
-                state[f"{index}.{key}"] = value.detach().clone()
+                state[f"{index}.{key}"] = ballast_digest(value) if key == BALLAST_KEY else value.detach().clone()
     result = {"params": params, "state": state, "lr": opt.param_groups[0]["lr"]}
     if isinstance(opt, DiLoCoOptimizer):  # the shared state: θ_global and the outer momentum (inner state is local)
         outer = opt.outer_optimizer

@@ -26,6 +26,7 @@ from collab_core import CollaborativeOptimizer, CollaborativeSettings, start_dht
 from collab_core.averager import CollaborativeAverager
 from collab_core.collaboration import Collaboration
 from tests.peers.core_peer import (
+    BALLAST_KEY,
     barrier,
     die_during_allreduce,
     fail_round_after_exchange,
@@ -107,6 +108,15 @@ def offset_state_priority(offset: float) -> None:
     Collaboration._move_to = move_with_offset
 
 
+def add_ballast(opt: torch.optim.Optimizer, megabytes: float, seed: int) -> None:
+    """Make the shared state ``megabytes`` larger without making the model larger: a tensor in the optimizer state of
+    the first parameter, which SGD never reads. Downloads carry it (it is optimizer state); rounds do not (it is no
+    gradient). Its content depends on ``seed``: a joiner with another seed holds the donors' only after a download."""
+    first = opt.param_groups[0]["params"][0]
+    generator = torch.Generator().manual_seed(seed)
+    opt.state[first][BALLAST_KEY] = torch.rand(int(megabytes * 1e6) // 4, generator=generator)
+
+
 def resources() -> dict:
     """This peer's resource use: its own RSS and open fds, and its child processes (DHT, averager, p2p daemons)."""
     me = psutil.Process()
@@ -154,6 +164,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fail-round-at-step", type=int, default=-1, help="only this peer's round of it fails")
     parser.add_argument("--nan-at-step", type=int, default=-1, help="send NaN gradients toward this step")
     parser.add_argument("--step-file", default="", help="write {'step': local_step} here after each step")
+    parser.add_argument("--ballast-mb", type=float, default=0.0, help="make the shared state this much larger")
+    parser.add_argument("--ballast-seed", type=int, default=0, help="the ballast's content (a joiner's differs)")
+    parser.add_argument("--leave-after-download", action="store_true", help="leave once a state was downloaded")
     return parser.parse_args()
 
 
@@ -235,6 +248,8 @@ def save_atomically(obj, path: str) -> None:
 def finished(args, collab: CollaborativeOptimizer, recorder: Recorder) -> bool:
     """``--steps`` reached, or ``--steps-after-download`` steps taken in rounds (not by downloads) after the first
     state download."""
+    if args.leave_after_download and recorder.download_steps:
+        return True
     if args.steps_after_download and recorder.download_steps:
         first = recorder.download_steps[0]
         return sum(step >= first for step in recorder.participants) >= args.steps_after_download
@@ -284,6 +299,8 @@ def main() -> int:
     install_hooks(args)
     model = make_model(0)
     opt = make_optimizer("sgd", model.parameters())
+    if args.ballast_mb:
+        add_ballast(opt, args.ballast_mb, args.ballast_seed)
     scheduler = make_scheduler(opt) if args.scheduler else None
     collab = CollaborativeOptimizer(opt, scheduler=scheduler, dht=dht, **settings.optimizer_kwargs())
     restored_params = None

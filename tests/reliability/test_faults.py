@@ -85,8 +85,8 @@ def test_state_server_failing_mid_transfer(tmp_path):
             results = {"a": a.result(), "joiner": joiner.result()}
     joined = results["joiner"]
     assert "the downloaded state is incomplete" in joiner_log and "nothing was loaded" in joiner_log
-    attempts = re.findall(r"Downloading parameters from peer (\w+)", joiner_log)
-    finished = re.findall(r"Finished downloading state in [\d.]+s from (\w+)", joiner_log)
+    attempts = re.findall(r"Downloading the state from peer (\w+)", joiner_log)
+    finished = re.findall(r"Downloaded the state from peer (\w+) in [\d.]+s", joiner_log)
     assert len(attempts) >= 3 and attempts[0] == attempts[1] != results["a"]["peer_id"]  # the bad server, twice
     assert finished[-1] == results["a"]["peer_id"]  # ... then the state came from the other peer
     assert joined["collaboration_state"]["state_downloads"] >= 1
