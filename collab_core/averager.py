@@ -146,14 +146,15 @@ class CollaborativeAverager(DecentralizedAverager):
         key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
         found = await self.dht.get(key, latest=True, return_future=True)
         announced = found.value if isinstance(found, ValueWithExpiration) and isinstance(found.value, dict) else {}
-        priorities = {}
+        priorities: dict[PeerID, tuple[float, float]] = {}
         for peer_id, entry in announced.items():
             if isinstance(entry, ValueWithExpiration) and isinstance(entry.value, (float, int)):
                 try:
                     priorities[PeerID(peer_id)] = (float(entry.value), random.random())
                 except Exception:  # noqa: S112 - a malformed peer id in a record: not a peer to ask
                     continue
-        return [peer for peer in sorted(priorities, key=priorities.get, reverse=True) if peer != self.peer_id]
+        ordered = sorted(priorities, key=lambda peer: priorities[peer], reverse=True)
+        return [peer for peer in ordered if peer != self.peer_id]
 
     async def _download_state_from(
         self, peer: PeerID, chunk_timeout: float, future: MPFuture
@@ -163,7 +164,9 @@ class CollaborativeAverager(DecentralizedAverager):
         counters = self._download_counters
         stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
         stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-        metadata, tensors, parts = None, [], []
+        metadata: Any = None
+        tensors: list[torch.Tensor] = []
+        parts: list[Any] = []  # the streamed parts of the tensor being received
         async for message in aiter_with_timeout(stream, timeout=chunk_timeout):
             if future.done():  # abandoned: stop receiving (and stop the peer sending)
                 return None

@@ -10,6 +10,7 @@ import torch
 from collab_core.averager import CollaborativeAverager
 from collab_core.backup import backup_due, make_backup, write_backup
 from collab_core.log import get_logger
+from collab_core.sync import StateSynchronizer
 
 logger = get_logger(__name__)
 
@@ -25,7 +26,8 @@ class SwarmBackups:
         directory: where backups go.
         every: back up every this many collaborative steps.
         keep: keep this many newest backups.
-        timeout: seconds a download may take.
+        timeout: seconds a download may go without progress (a large state over a slow link may take longer in
+            all; its progress is logged).
     """
 
     def __init__(
@@ -43,20 +45,18 @@ class SwarmBackups:
             state_provider=lambda: ({}, []),
             client_mode=True,  # it never serves a state (it has none) and takes part in no round
         )
+        # the backups pace themselves (backup_due); only the download, with its progress lines, is the synchroniser's
+        self.sync = StateSynchronizer(self.averager, max_backoff=0.0, min_backoff=0.0, prefix=f"backup of {run_id}")
 
     def maybe_backup(self, step: int) -> Path | None:
         """Back up if :func:`~collab_core.backup.backup_due` says so for the collaboration at ``step``."""
         if not backup_due(step, self.last_step, self.every):
             return None
-        try:
-            downloaded = self.averager.load_state_from_peers(timeout=self.timeout)
-        except Exception as e:
-            logger.warning(f"backup of run {self.run_id!r} at step {step} failed: {e!r}; retrying at the next read")
-            return None
-        if downloaded is None or not isinstance(downloaded[0], dict):
+        served = self.sync.fetch(self.timeout)  # logs why, if it fails
+        if served is None:
             logger.warning(f"backup of run {self.run_id!r} at step {step}: no peer served its state; retrying")
             return None
-        metadata, tensors = downloaded
+        metadata, tensors = served.metadata, served.tensors
         try:
             backup = make_backup(self.run_id, metadata, list(tensors))
         except ValueError as e:
