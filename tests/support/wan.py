@@ -4,11 +4,13 @@ the namespace's address, and joins a DHT node that this (root-namespace) process
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import hivemind
+import torch
 
 from collab_core import hivemind_patches
 from tests.support.netns import BRIDGE_IP, NetBed
@@ -58,3 +60,18 @@ class WanPeers(PeerSet):
         peer = Peer(node, process, log, out)
         self.peers.append(peer)
         return peer
+
+
+def step_of(path: Path) -> int:
+    """The step a peer wrote to its ``--step-file`` (-1 before the first)."""
+    return torch.load(path, weights_only=False)["step"] if path.exists() else -1
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, peers: PeerSet) -> None:
+    """Wait (bounded) for ``condition``; fail at once with the logs if a peer exited."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        exited = [peer.name for peer in peers.peers if peer.process.poll() is not None]
+        if exited or time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout}s (exited: {exited})\n{peers.logs()}")
+        time.sleep(0.1)

@@ -16,10 +16,8 @@ import re
 import signal
 import time
 
-import torch
-
 from tests.support.reliability import all_finite, max_replica_diff, peer_args
-from tests.support.wan import WanPeers, bridge_dht, wan_env
+from tests.support.wan import WanPeers, bridge_dht, step_of, wait_until, wan_env
 
 TIMEOUT = 240
 STATE_MB = 100
@@ -27,19 +25,6 @@ JOINER_MBIT = 20
 PROGRESS = re.compile(r"downloading the state: ([\d.]+) MB of ([\d.]+) MB \(([\d.]+) Mbit/s\), (\d+) s")
 STOPPED = re.compile(r"the peer serving the state stopped after ([\d.]+) MB; downloading it from another peer")
 DOWNLOADED = re.compile(r"downloaded the state: ([\d.]+) MB in (\d+) s")
-
-
-def step_of(path) -> int:
-    return torch.load(path, weights_only=False)["step"] if path.exists() else -1
-
-
-def wait_until(condition, timeout: float, what: str, peers: WanPeers) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        exited = [peer.name for peer in peers.peers if peer.process.poll() is not None]
-        if exited or time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout}s (exited: {exited})\n{peers.logs()}")
-        time.sleep(0.1)
 
 
 def test_joiner_on_a_slow_link_downloads_a_large_state_and_survives_its_donor_vanishing(netbed, tmp_path):

@@ -13,30 +13,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from pathlib import Path
-
-import torch
 
 from tests.support.reliability import all_finite, max_replica_diff, peer_args
-from tests.support.wan import WanPeers, bridge_dht, wan_env
+from tests.support.wan import WanPeers, bridge_dht, step_of, wait_until, wan_env
 
 TIMEOUT = 150
 CUT_SECONDS = 20.0
 RESYNC_TIMEOUT = 45.0  # after the restore: a download plus two rounds, with room for a loaded machine
-
-
-def step_of(path: Path) -> int:
-    return torch.load(path, weights_only=False)["step"] if path.exists() else -1
-
-
-def wait_until(condition, timeout: float, what: str, peers: WanPeers) -> None:
-    """Wait (bounded) for ``condition``; fail at once with the logs if a peer exited."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        exited = [peer.name for peer in peers.peers if peer.process.poll() is not None]
-        if exited or time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout}s (exited: {exited})\n{peers.logs()}")
-        time.sleep(0.1)
 
 
 def test_cut_link_others_go_on_and_the_cut_peer_resynchronises(netbed, tmp_path):
