@@ -17,9 +17,10 @@ import torch
 from collab_core.backup import is_backup
 from collab_core.local_peer import LeaderOutcome, LocalReplicas
 from collab_core.state import restore_state
+from collab_core.wrapped_optimizer import WrappedOptimizerView
 
 
-class FollowerOptimizer(torch.optim.Optimizer):
+class FollowerOptimizer(WrappedOptimizerView):
     """The user's optimizer on a follower process, driven by the leader's outcomes instead of ``step()``.
 
     It is a ``torch.optim.Optimizer`` (parameter groups and state are the user's optimizer's), so a trainer can hold
@@ -43,25 +44,6 @@ class FollowerOptimizer(torch.optim.Optimizer):
         self.local_step = 0
         #: peers in the collaboration, as the leader last saw them
         self.num_peers = 1
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        """The user's optimizer's parameter groups."""
-        return self.opt.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.opt.param_groups = value
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        """The user's optimizer's per-parameter state."""
-        return self.opt.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        """The user's optimizer's defaults."""
-        return self.opt.defaults
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         """Never called: a follower receives the leader's parameters instead of stepping."""

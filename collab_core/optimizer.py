@@ -26,6 +26,7 @@ from collab_core.log import get_logger
 from collab_core.scheduler import check_collaborative_scheduler
 from collab_core.schemes import AveragingScheme, GradientAveraging, ParameterAveraging
 from collab_core.timeouts import RoundTimeouts
+from collab_core.wrapped_optimizer import WrappedOptimizerView
 
 logger = get_logger(__name__)
 
@@ -56,7 +57,7 @@ def _positive_number(name: str, value: Any, *, integer: bool = False, allow_zero
     return value
 
 
-class CollaborativeOptimizer(torch.optim.Optimizer):
+class CollaborativeOptimizer(WrappedOptimizerView):
     """An optimizer that updates the model once all peers together accumulated ``target_batch_size`` samples.
 
     It wraps a regular PyTorch optimizer. Unlike a regular optimizer:
@@ -291,25 +292,7 @@ class CollaborativeOptimizer(torch.optim.Optimizer):
         return kwargs
 
     # ------------------------------------------------------------------ torch.optim.Optimizer pass-through
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        """The wrapped optimizer's parameter groups."""
-        return self.opt.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.opt.param_groups = value
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        """The wrapped optimizer's per-parameter state."""
-        return self.opt.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        """The wrapped optimizer's defaults."""
-        return self.opt.defaults
+    # (param_groups, state, defaults: the wrapped optimizer's, see WrappedOptimizerView)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Not supported: every peer must average the same tensors, fixed when the optimizer is created."""
