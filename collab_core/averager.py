@@ -121,7 +121,9 @@ class CollaborativeAverager(DecentralizedAverager):
             for peer in await self._state_donors():
                 if future.done():  # the trainer gave up on this download (no progress for too long)
                     return
-                counters[0], counters[1], counters[2] = counters[0] + 1, 0, -1
+                # the byte counts first, then the attempt: a reader that sees the new attempt sees its counts
+                counters[1], counters[2] = 0, -1
+                counters[0] += 1
                 started = time.monotonic()
                 logger.info(f"Downloading the state from peer {peer}")
                 try:
